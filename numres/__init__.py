@@ -1,0 +1,21 @@
+"""numres: deep learning from scratch on NumPy and CuPy, with every backward pass written by hand.
+
+    import numres as nr
+    model = nr.resnet50(backend="numpy", dtype="float32")
+    logits = model(x); loss = crit(logits, y); model.backward(crit.backward())
+"""
+from . import backend, functional, init, nn, optim
+from .backend import to_numpy
+from .gradcheck import GradcheckResult, gradcheck
+from .init import manual_seed
+from .io import load, load_weights, save
+from .models import (BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101, resnet152,
+                     resnext50_32x4d, resnext101_32x8d, wide_resnet50_2, wide_resnet101_2)
+from .nn import no_grad
+
+__version__ = "0.1.0"
+
+__all__ = ["backend", "functional", "init", "nn", "optim", "to_numpy", "gradcheck", "GradcheckResult",
+           "manual_seed", "save", "load", "load_weights", "no_grad", "ResNet", "BasicBlock", "Bottleneck",
+           "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+           "wide_resnet50_2", "wide_resnet101_2"]

@@ -1,0 +1,133 @@
+"""The one place that knows NumPy from CuPy.
+
+Every array routine in numres is written once against an *array module* ``xp``
+(``numpy`` or ``cupy``); this file finds that module, moves arrays between
+backends and checks dtypes.  Nothing else in the package imports CuPy.
+
+Backends are named by strings:
+
+* ``"numpy"`` - the CPU.
+* ``"cupy"``  - an NVIDIA GPU through CuPy.  Asking for it where CuPy is not
+  installed, or where no GPU can be used, raises :class:`BackendUnavailableError`
+  saying which of the two is missing.
+
+Extra backends (a test double of CuPy, for instance) can be added with
+:func:`register_backend`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SUPPORTED_DTYPES = ("float32", "float64")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot be used on this machine."""
+
+
+def _load_numpy():
+    return np
+
+
+def _load_cupy():
+    try:
+        import cupy
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "backend 'cupy' needs CuPy, which is not installed: "
+            "pip install 'numres[cuda12]' (or 'numres[cuda13]')") from exc
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDA driver missing or broken
+        raise BackendUnavailableError(
+            f"backend 'cupy': CuPy is installed but no usable GPU was found ({exc})") from exc
+    if count == 0:
+        raise BackendUnavailableError("backend 'cupy': CuPy is installed but no GPU is visible")
+    return cupy
+
+
+_LOADERS = {"numpy": _load_numpy, "cupy": _load_cupy}
+_MODULES: dict[str, object] = {}
+
+
+def register_backend(name: str, loader) -> None:
+    """Make ``backend=name`` available; ``loader()`` returns its array module."""
+    _LOADERS[name] = loader
+    _MODULES.pop(name, None)
+
+
+def get_xp(backend: str = "numpy"):
+    """The array module for ``backend`` (``numpy`` or ``cupy``)."""
+    if backend not in _LOADERS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(_LOADERS)}")
+    if backend not in _MODULES:
+        _MODULES[backend] = _LOADERS[backend]()
+    return _MODULES[backend]
+
+
+def is_available(backend: str) -> bool:
+    """True when ``get_xp(backend)`` would succeed."""
+    try:
+        get_xp(backend)
+    except (BackendUnavailableError, ValueError):
+        return False
+    return True
+
+
+def backend_of(array) -> str:
+    """The name of the backend that owns ``array``."""
+    for name, module in _MODULES.items():
+        if name != "numpy" and isinstance(array, getattr(module, "ndarray", ())):
+            return name
+    if isinstance(array, np.ndarray):
+        return "numpy"
+    raise TypeError(f"expected an array, got {type(array).__name__}")
+
+
+def xp_of(array):
+    """The array module that owns ``array``."""
+    return get_xp(backend_of(array))
+
+
+def normalize_dtype(dtype) -> np.dtype:
+    """``"float32"``/``"float64"`` (or the NumPy dtypes) as a ``np.dtype``; anything else is an error."""
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; numres computes in {' or '.join(SUPPORTED_DTYPES)}")
+    return resolved
+
+
+def to_numpy(array) -> np.ndarray:
+    """A NumPy array holding the values of ``array`` (from any backend); copies off the GPU."""
+    if type(array) is np.ndarray:
+        return array
+    to_host = getattr(array, "to_numpy", None) or (
+        getattr(array, "get", None) if type(array).__module__.startswith("cupy") else None)
+    if callable(to_host):
+        return to_host()
+    return np.asarray(array)
+
+
+def asarray(array, backend: str = "numpy", dtype=None):
+    """``array`` (any array-like, from any backend) as an array of ``backend``; copies only when needed."""
+    xp = get_xp(backend)
+    if not isinstance(array, xp.ndarray) or (backend != "numpy" and type(array) is np.ndarray):
+        array = to_numpy(array)
+    return xp.asarray(array, dtype=dtype)
+
+
+def convert(array, backend: str, dtype=None):
+    """Like :func:`asarray`, but keeps the memory order of a permuted array (channels-last stays so)."""
+    order = sorted(range(array.ndim), key=lambda axis: -array.strides[axis])
+    inverse = sorted(range(array.ndim), key=lambda axis: order[axis])
+    moved = asarray(array.transpose(order), backend, dtype)
+    return get_xp(backend).ascontiguousarray(moved).transpose(inverse)
+
+
+def synchronize(backend: str) -> None:
+    """Wait for queued device work (a no-op on the CPU); benchmarks call it before reading a clock."""
+    if backend == "cupy":
+        get_xp("cupy").cuda.get_current_stream().synchronize()

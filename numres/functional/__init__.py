@@ -1,0 +1,14 @@
+"""Pure forward/backward pairs on arrays.
+
+Each ``*_forward`` returns ``(output, cache)``; the matching ``*_backward`` takes the
+upstream gradient and that cache and returns the gradients.  Backward never changes
+the cache, so it can be run more than once.  These functions hold no state; the
+modules in :mod:`numres.nn` wrap them.
+"""
+from .activation import add_relu_forward, relu_backward, relu_forward
+from .batchnorm import batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward
+from .conv import col2im, conv2d_backward, conv2d_forward, im2col
+from .linear import linear_backward, linear_forward
+from .loss import cross_entropy_backward, cross_entropy_forward, log_softmax
+from .pooling import (adaptive_avgpool2d_backward, adaptive_avgpool2d_forward, avgpool2d_backward,
+                      avgpool2d_forward, maxpool2d_backward, maxpool2d_forward)

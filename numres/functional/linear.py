@@ -1,0 +1,25 @@
+"""Fully connected layer.
+
+Forward::   y = x @ W^T + b          x: (..., in), W: (out, in), b: (out,)
+Backward::  dx = dy @ W      dW = dy^T @ x      db = sum of dy over the leading axes
+"""
+from __future__ import annotations
+
+
+def linear_forward(x, weight, bias=None):
+    """``(y, cache)`` with ``y`` of shape ``(..., out_features)``."""
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y, (x, weight, bias is not None)
+
+
+def linear_backward(dy, cache, need_input_grad=True):
+    """``(dx, dweight, dbias)``; ``dbias`` is None without bias, ``dx`` None when not wanted."""
+    x, weight, has_bias = cache
+    rows_dy = dy.reshape(-1, dy.shape[-1])
+    rows_x = x.reshape(-1, x.shape[-1])
+    dweight = rows_dy.T @ rows_x
+    dbias = rows_dy.sum(axis=0) if has_bias else None
+    dx = dy @ weight if need_input_grad else None
+    return dx, dweight, dbias

@@ -1,0 +1,70 @@
+"""BatchNorm2d: a stateful wrapper over :mod:`numres.functional.batchnorm`."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..functional import batchnorm as F
+from .module import Module, Parameter
+
+
+class BatchNorm2d(Module):
+    """Per-channel batch normalisation with PyTorch's arguments, buffers and update rule.
+
+    ``bn(x, relu=True)`` applies a ReLU in the same pass (and its mask in backward);
+    the residual blocks use it for their conv-BN-ReLU steps.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 *, backend="numpy", dtype="float32"):
+        super().__init__(backend=backend, dtype=dtype)
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        xp = self.xp
+        if affine:
+            self.weight = Parameter(xp.ones(num_features, dtype=self.dtype))
+            self.bias = Parameter(xp.zeros(num_features, dtype=self.dtype))
+        else:
+            self.weight = self.bias = None
+        if track_running_stats:
+            self.register_buffer("running_mean", xp.zeros(num_features, dtype=self.dtype))
+            self.register_buffer("running_var", xp.ones(num_features, dtype=self.dtype))
+            self.register_buffer("num_batches_tracked", xp.zeros((), dtype=np.int64))
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    def forward(self, x, relu=False):
+        self.check_input(x, ndim=4, channels=self.num_features)
+        weight = None if self.weight is None else self.weight.data
+        bias = None if self.bias is None else self.bias.data
+        if self.training or self.running_mean is None:
+            momentum = self.momentum
+            if self.training and self.track_running_stats:
+                self.num_batches_tracked += 1
+                if momentum is None:              # cumulative moving average
+                    momentum = 1.0 / self.num_batches_tracked
+            update = self.training and self.track_running_stats
+            y, cache = F.batchnorm_train_forward(x, weight, bias, self.running_mean if update else None,
+                                                 self.running_var if update else None, momentum, self.eps, relu)
+        else:
+            y, cache = F.batchnorm_eval_forward(x, weight, bias, self.running_mean, self.running_var, self.eps, relu)
+        self.save_for_backward(cache)
+        return y
+
+    def backward(self, grad_output):
+        dx, dweight, dbias = F.batchnorm_backward(grad_output, self.saved_cache())
+        if self.weight is not None:
+            self.weight.accumulate_grad(dweight)
+            self.bias.accumulate_grad(dbias)
+        return dx
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+
+

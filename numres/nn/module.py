@@ -1,0 +1,392 @@
+"""Module and Parameter: the stateful layer of numres.
+
+A :class:`Module` owns parameters, buffers and child modules, as in PyTorch, but
+there is no autograd: every module has a ``forward`` that saves what its gradient
+needs (its *cache*) and a ``backward(grad_output)`` that
+
+* accumulates ``param.grad`` for each of its parameters (``+=``, as PyTorch does), and
+* returns the gradient with respect to its input.
+
+A container's backward calls its children's backward in reverse order.  Under
+:func:`no_grad`, forward keeps no cache (inference uses less memory) and backward
+is unavailable.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections import OrderedDict
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import backend as B
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Within this block, forward passes keep nothing for backward."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+class Parameter:
+    """A learnable array (``data``) and the gradient accumulated into it (``grad``, None until backward)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = None
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def size(self):
+        return self.data.size
+
+    def accumulate_grad(self, gradient):
+        """``grad += gradient``; the first gradient is adopted as it is (backward returns fresh arrays)."""
+        if gradient is None:
+            return
+        if self.grad is None:
+            self.grad = gradient
+        else:
+            self.grad += gradient
+
+    def __repr__(self):
+        return f"Parameter(shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
+class IncompatibleKeys(NamedTuple):
+    missing_keys: list
+    unexpected_keys: list
+
+
+class StateDictError(KeyError):
+    """``load_state_dict`` found keys or shapes that do not fit the model."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+class HookHandle:
+    """Returned by the ``register_*_hook`` methods; ``remove()`` detaches the hook."""
+
+    _next_id = 0
+
+    def __init__(self, hooks: dict):
+        self._hooks = hooks
+        self.id = HookHandle._next_id
+        HookHandle._next_id += 1
+
+    def remove(self):
+        self._hooks.pop(self.id, None)
+
+
+def _backward_running_hooks(backward):
+    """Wrap a subclass's ``backward`` so its full backward hooks see (grad_input, grad_output)."""
+
+    @functools.wraps(backward)
+    def backward_with_hooks(self, grad_output=None, *args, **kwargs):
+        grad_input = backward(self, grad_output, *args, **kwargs)
+        for hook in list(self._backward_hooks.values()):
+            replaced = hook(self, (grad_input,), (grad_output,))
+            if replaced is not None:
+                grad_input = replaced[0]
+        return grad_input
+
+    backward_with_hooks.runs_hooks = True
+    return backward_with_hooks
+
+
+class Module:
+    """Base class of every layer and model.
+
+    Subclasses call ``super().__init__(backend=..., dtype=...)`` first, then assign
+    :class:`Parameter` objects, child modules and buffers (:meth:`register_buffer`)
+    as attributes; the assignments are recorded in order, which fixes the names and
+    order of :meth:`named_parameters` and :meth:`state_dict`.
+    """
+
+    def __init__(self, *, backend: str = "numpy", dtype="float32"):
+        B.get_xp(backend)    # fail now, with a clear message, if the backend is unusable
+        d = self.__dict__
+        d["_parameters"] = OrderedDict()
+        d["_buffers"] = OrderedDict()
+        d["_modules"] = OrderedDict()
+        d["_forward_hooks"] = OrderedDict()
+        d["_forward_pre_hooks"] = OrderedDict()
+        d["_backward_hooks"] = OrderedDict()
+        d["backend"] = backend
+        d["dtype"] = B.normalize_dtype(dtype)
+        d["training"] = True
+        d["_cache"] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        backward = cls.__dict__.get("backward")
+        if backward is not None and not getattr(backward, "runs_hooks", False):
+            cls.backward = _backward_running_hooks(backward)
+
+    # --- attribute bookkeeping ----------------------------------------------------------------
+
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(f"call Module.__init__() before assigning {name!r} in {type(self).__name__}")
+        if isinstance(value, Parameter):
+            self._modules.pop(name, None)
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._parameters.pop(name, None)
+            self._modules[name] = value
+        elif name in self._buffers:
+            self._buffers[name] = value
+        else:
+            self._parameters.pop(name, None)
+            self._modules.pop(name, None)
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name: str, array) -> None:
+        """Record ``array`` as state that is saved in the state dict but not learned."""
+        self._buffers[name] = array
+        object.__setattr__(self, name, array)
+
+    @property
+    def xp(self):
+        """The array module (numpy or cupy) this module computes with."""
+        return B.get_xp(self.backend)
+
+    # --- running ------------------------------------------------------------------------------
+
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} has no forward")
+
+    def backward(self, grad_output):
+        raise NotImplementedError(f"{type(self).__name__} has no backward")
+
+    def __call__(self, x, **kwargs):
+        for hook in list(self._forward_pre_hooks.values()):
+            replaced = hook(self, (x,))
+            if replaced is not None:
+                x = replaced[0] if isinstance(replaced, tuple) else replaced
+        y = self.forward(x, **kwargs)
+        for hook in list(self._forward_hooks.values()):
+            replaced = hook(self, (x,), y)
+            if replaced is not None:
+                y = replaced
+        return y
+
+    def save_for_backward(self, cache):
+        """Keep ``cache`` for backward, unless gradients are disabled."""
+        self._cache = cache if _grad_enabled else None
+
+    def saved_cache(self):
+        """The cache of the last forward; a clear error when there is none."""
+        if self._cache is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward() called before forward() "
+                f"(or the forward ran under numres.no_grad())")
+        return self._cache
+
+    def check_input(self, x, ndim=4, channels=None, what="input"):
+        """Raise a clear error when ``x`` has the wrong backend, dtype, rank or channel count."""
+        array_type = self.xp.ndarray
+        if not isinstance(x, array_type):
+            raise TypeError(f"{type(self).__name__} is on backend {self.backend!r} and expects a "
+                            f"{array_type.__module__}.ndarray {what}, got {type(x).__module__}.{type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{type(self).__name__} has dtype {self.dtype} but got {what} of dtype {x.dtype}; "
+                            f"convert the {what} with .astype({self.dtype.name!r}) or the model with "
+                            f".to(dtype={x.dtype.name!r})")
+        if ndim is not None and x.ndim != ndim:
+            layout = " (N, C, H, W)" if ndim == 4 else ""
+            raise ValueError(f"{type(self).__name__} expects a {ndim}-D {what}{layout}, got shape {tuple(x.shape)}")
+        if channels is not None and x.shape[1] != channels:
+            raise ValueError(f"{type(self).__name__} expects {channels} channels, got {x.shape[1]} "
+                             f"({what} shape {tuple(x.shape)})")
+
+    # --- hooks --------------------------------------------------------------------------------
+
+    def register_forward_hook(self, hook) -> HookHandle:
+        """``hook(module, inputs, output)`` after each forward; a non-None return replaces the output."""
+        handle = HookHandle(self._forward_hooks)
+        self._forward_hooks[handle.id] = hook
+        return handle
+
+    def register_forward_pre_hook(self, hook) -> HookHandle:
+        """``hook(module, inputs)`` before each forward; a non-None return replaces the input."""
+        handle = HookHandle(self._forward_pre_hooks)
+        self._forward_pre_hooks[handle.id] = hook
+        return handle
+
+    def register_full_backward_hook(self, hook) -> HookHandle:
+        """``hook(module, grad_input, grad_output)`` after each backward; a non-None return replaces grad_input."""
+        handle = HookHandle(self._backward_hooks)
+        self._backward_hooks[handle.id] = hook
+        return handle
+
+    # --- traversal ----------------------------------------------------------------------------
+
+    def named_children(self):
+        return iter(self._modules.items())
+
+    def children(self):
+        return iter(self._modules.values())
+
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        for _, module in self.named_modules():
+            yield module
+
+    def named_parameters(self, prefix="", recurse=True):
+        modules = self.named_modules(prefix) if recurse else [(prefix, self)]
+        for module_name, module in modules:
+            for name, param in module._parameters.items():
+                yield (f"{module_name}.{name}" if module_name else name), param
+
+    def parameters(self, recurse=True):
+        for _, param in self.named_parameters(recurse=recurse):
+            yield param
+
+    def named_buffers(self, prefix="", recurse=True):
+        modules = self.named_modules(prefix) if recurse else [(prefix, self)]
+        for module_name, module in modules:
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    yield (f"{module_name}.{name}" if module_name else name), buffer
+
+    def buffers(self, recurse=True):
+        for _, buffer in self.named_buffers(recurse=recurse):
+            yield buffer
+
+    # --- modes and gradients --------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        for module in self.modules():
+            module.__dict__["training"] = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self, set_to_none: bool = True):
+        """Forget accumulated gradients (``grad = None``, or zeros with ``set_to_none=False``)."""
+        for param in self.parameters():
+            if set_to_none or param.grad is None:
+                param.grad = None
+            else:
+                param.grad[...] = 0
+
+    def to(self, backend: str | None = None, dtype=None):
+        """Move every parameter, gradient and buffer to ``backend`` and/or ``dtype``, in place; keeps memory layout."""
+        backend = backend or self.backend
+        B.get_xp(backend)
+        dtype = B.normalize_dtype(dtype) if dtype is not None else None
+        for module in self.modules():
+            target_dtype = dtype or module.dtype
+            for param in module._parameters.values():
+                param.data = B.convert(param.data, backend, target_dtype)
+                if param.grad is not None:
+                    param.grad = B.convert(param.grad, backend, target_dtype)
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    keep_integer = np.issubdtype(buffer.dtype, np.integer)
+                    module.register_buffer(name, B.convert(buffer, backend, None if keep_integer else target_dtype))
+            module.__dict__["backend"] = backend
+            module.__dict__["dtype"] = target_dtype
+            module.__dict__["_cache"] = None
+            module.on_moved()
+        return self
+
+    def on_moved(self):
+        """Called after :meth:`to`; modules holding derived arrays rebuild them here."""
+
+    # --- state ------------------------------------------------------------------------------------
+
+    def state_dict(self):
+        """Parameters and buffers by their dotted names, each module's own first, then its children's."""
+        state = OrderedDict()
+        for module_name, module in self.named_modules():
+            for name, param in module._parameters.items():
+                state[f"{module_name}.{name}" if module_name else name] = param.data
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    state[f"{module_name}.{name}" if module_name else name] = buffer
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Copy values into this module's arrays (keeping their dtype, backend and layout).
+
+        Any shape mismatch, and with ``strict`` any missing or unexpected key, raises one
+        :class:`StateDictError` that lists them all; nothing is copied in that case.
+        """
+        targets = {}
+        for module_name, module in self.named_modules():
+            for name in list(module._parameters) + [b for b, v in module._buffers.items() if v is not None]:
+                targets[f"{module_name}.{name}" if module_name else name] = (module, name)
+        missing = [key for key in targets if key not in state_dict]
+        unexpected = [key for key in state_dict if key not in targets]
+        mismatched = []
+        values = []
+        for key, (module, name) in targets.items():
+            if key not in state_dict:
+                continue
+            current = module._parameters[name].data if name in module._parameters else module._buffers[name]
+            value = B.asarray(state_dict[key], self.backend)
+            if tuple(value.shape) != tuple(current.shape):
+                mismatched.append(f"{key}: checkpoint has shape {tuple(value.shape)}, model has {tuple(current.shape)}")
+            values.append((current, value))
+        problems = []
+        if strict and missing:
+            problems.append("missing keys: " + ", ".join(missing))
+        if strict and unexpected:
+            problems.append("unexpected keys: " + ", ".join(unexpected))
+        if mismatched:
+            problems.append("shape mismatches: " + "; ".join(mismatched))
+        if problems:
+            raise StateDictError(f"error loading state dict into {type(self).__name__}:\n  " + "\n  ".join(problems))
+        for current, value in values:
+            current[...] = value
+        for module in self.modules():
+            module.on_moved()
+        return IncompatibleKeys(missing, unexpected)
+
+    # --- printing -------------------------------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self):
+        extra = self.extra_repr()
+        lines = extra.split("\n") if extra else []
+        children = []
+        for name, child in self._modules.items():
+            child_text = repr(child).replace("\n", "\n  ")
+            children.append(f"({name}): {child_text}")
+        text = type(self).__name__ + "("
+        if len(lines) == 1 and not children:
+            text += lines[0]
+        elif lines or children:
+            text += "\n  " + "\n  ".join(lines + children) + "\n"
+        return text + ")"
