@@ -102,25 +102,26 @@ def normalize_dtype(dtype) -> np.dtype:
 
 def to_numpy(array) -> np.ndarray:
     """A NumPy array holding the values of ``array`` (from any backend); copies off the GPU."""
-    if type(array) is np.ndarray:
+    if isinstance(array, np.ndarray):
         return array
-    to_host = getattr(array, "to_numpy", None) or (
-        getattr(array, "get", None) if type(array).__module__.startswith("cupy") else None)
-    if callable(to_host):
-        return to_host()
+    for name, module in _MODULES.items():
+        if name != "numpy" and isinstance(array, getattr(module, "ndarray", ())):
+            return array.get()       # the device-to-host copy (CuPy's spelling)
     return np.asarray(array)
 
 
 def asarray(array, backend: str = "numpy", dtype=None):
     """``array`` (any array-like, from any backend) as an array of ``backend``; copies only when needed."""
     xp = get_xp(backend)
-    if not isinstance(array, xp.ndarray) or (backend != "numpy" and type(array) is np.ndarray):
+    if not isinstance(array, xp.ndarray):
         array = to_numpy(array)
     return xp.asarray(array, dtype=dtype)
 
 
 def convert(array, backend: str, dtype=None):
     """Like :func:`asarray`, but keeps the memory order of a permuted array (channels-last stays so)."""
+    if array.ndim < 2:
+        return asarray(array, backend, dtype)
     order = sorted(range(array.ndim), key=lambda axis: -array.strides[axis])
     inverse = sorted(range(array.ndim), key=lambda axis: order[axis])
     moved = asarray(array.transpose(order), backend, dtype)
