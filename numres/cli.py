@@ -12,6 +12,11 @@ import sys
 
 COMMANDS = {
     "demo": ("numres.demo", "forward and backward of a ResNet, plus a finite-difference gradient check"),
+    "train": ("numres.train", "train a ResNet on the embedded digits or on CIFAR-10"),
+    "evaluate": ("numres.evaluate", "accuracy and confusion matrix of a checkpoint on a dataset split"),
+    "predict": ("numres.predict", "top-5 ImageNet classes of images, with torchvision weights"),
+    "summary": ("numres.summary", "per-layer table of output shapes, parameters and multiply-accumulates"),
+    "study": ("numres.study", "experiments on gradient flow and degradation (gradflow, degradation)"),
 }
 
 

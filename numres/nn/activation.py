@@ -1,7 +1,6 @@
 """ReLU as a module."""
 from __future__ import annotations
 
-from ..functional import activation as F
 from .module import Module
 
 
@@ -15,12 +14,12 @@ class ReLU(Module):
 
     def forward(self, x):
         self.check_input(x, ndim=None)
-        y, cache = F.relu_forward(x)
+        y, cache = self.ops.relu_forward(x)
         self.save_for_backward(cache)
         return y
 
     def backward(self, grad_output):
-        return F.relu_backward(grad_output, self.saved_cache())
+        return self.ops.relu_backward(grad_output, self.saved_cache())
 
     def extra_repr(self):
         return "inplace=True" if self.inplace else ""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..functional import batchnorm as F
 from .module import Module, Parameter
 
 
@@ -49,15 +48,15 @@ class BatchNorm2d(Module):
                 if momentum is None:              # cumulative moving average
                     momentum = 1.0 / self.num_batches_tracked
             update = self.training and self.track_running_stats
-            y, cache = F.batchnorm_train_forward(x, weight, bias, self.running_mean if update else None,
+            y, cache = self.ops.batchnorm_train_forward(x, weight, bias, self.running_mean if update else None,
                                                  self.running_var if update else None, momentum, self.eps, relu)
         else:
-            y, cache = F.batchnorm_eval_forward(x, weight, bias, self.running_mean, self.running_var, self.eps, relu)
+            y, cache = self.ops.batchnorm_eval_forward(x, weight, bias, self.running_mean, self.running_var, self.eps, relu)
         self.save_for_backward(cache)
         return y
 
     def backward(self, grad_output):
-        dx, dweight, dbias = F.batchnorm_backward(grad_output, self.saved_cache())
+        dx, dweight, dbias = self.ops.batchnorm_backward(grad_output, self.saved_cache())
         if self.weight is not None:
             self.weight.accumulate_grad(dweight)
             self.bias.accumulate_grad(dbias)

@@ -54,13 +54,13 @@ class Conv2d(Module):
 
     def forward(self, x):
         self.check_input(x, ndim=4, channels=self.in_channels)
-        y, cache = F.conv2d_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
+        y, cache = self.ops.conv2d_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
                                     self.stride, self.padding, self.dilation, self.groups)
         self.save_for_backward(cache)
         return y
 
     def backward(self, grad_output):
-        dx, dweight, dbias = F.conv2d_backward(grad_output, self.saved_cache(), self.need_input_grad)
+        dx, dweight, dbias = self.ops.conv2d_backward(grad_output, self.saved_cache(), self.need_input_grad)
         self.weight.accumulate_grad(dweight)
         if self.bias is not None:
             self.bias.accumulate_grad(dbias)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from .. import backend as B
 from .. import init
-from ..functional import linear as F
 from .module import Module, Parameter
 
 
@@ -23,12 +22,12 @@ class Linear(Module):
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects inputs whose last dimension is in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
-        y, cache = F.linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
+        y, cache = self.ops.linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
         self.save_for_backward(cache)
         return y
 
     def backward(self, grad_output):
-        dx, dweight, dbias = F.linear_backward(grad_output, self.saved_cache())
+        dx, dweight, dbias = self.ops.linear_backward(grad_output, self.saved_cache())
         self.weight.accumulate_grad(dweight)
         if self.bias is not None:
             self.bias.accumulate_grad(dbias)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend as B
-from ..functional import loss as F
+from ..functional.loss import REDUCTIONS
 from .module import Module
 
 
@@ -18,8 +18,8 @@ class CrossEntropyLoss(Module):
 
     def __init__(self, reduction="mean", label_smoothing=0.0, *, backend="numpy", dtype="float32"):
         super().__init__(backend=backend, dtype=dtype)
-        if reduction not in F.REDUCTIONS:
-            raise ValueError(f"reduction must be one of {F.REDUCTIONS}, got {reduction!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         self.reduction, self.label_smoothing = reduction, float(label_smoothing)
@@ -44,7 +44,7 @@ class CrossEntropyLoss(Module):
         if host_checks and target.size and (target.min() < 0 or target.max() >= classes):
             bad = target[(target < 0) | (target >= classes)]
             raise IndexError(f"target label {int(bad[0])} is out of range for {classes} classes")
-        loss, cache = F.cross_entropy_forward(logits, target, self.reduction, self.label_smoothing)
+        loss, cache = self.ops.cross_entropy_forward(logits, target, self.reduction, self.label_smoothing)
         if host_checks and not np.all(np.isfinite(loss)):
             raise FloatingPointError(f"CrossEntropyLoss is not finite ({loss if loss.ndim == 0 else 'some rows'}): "
                                      "the logits contain NaN or infinity")
@@ -56,7 +56,7 @@ class CrossEntropyLoss(Module):
         cache = self.saved_cache()
         if grad_output is None:
             grad_output = 1.0
-        return F.cross_entropy_backward(grad_output, cache)
+        return self.ops.cross_entropy_backward(grad_output, cache)
 
     def extra_repr(self):
         return ""

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend as B
+from ..functional.dispatch import ops_for
 
 _grad_enabled = True
 
@@ -172,6 +173,11 @@ class Module:
     def xp(self):
         """The array module (numpy or cupy) this module computes with."""
         return B.get_xp(self.backend)
+
+    @property
+    def ops(self):
+        """The functional ops for this module's backend (generic array code, or a registered kernel)."""
+        return ops_for(self.backend)
 
     # --- running ------------------------------------------------------------------------------
 

@@ -1,7 +1,6 @@
 """Pooling modules over :mod:`numres.functional.pooling`."""
 from __future__ import annotations
 
-from ..functional import pooling as F
 from .module import Module
 
 
@@ -19,12 +18,12 @@ class MaxPool2d(Module):
 
     def forward(self, x):
         self.check_input(x, ndim=4)
-        y, cache = F.maxpool2d_forward(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        y, cache = self.ops.maxpool2d_forward(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
         self.save_for_backward(cache)
         return y
 
     def backward(self, grad_output):
-        return F.maxpool2d_backward(grad_output, self.saved_cache())
+        return self.ops.maxpool2d_backward(grad_output, self.saved_cache())
 
     def extra_repr(self):
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
@@ -44,13 +43,13 @@ class AvgPool2d(Module):
 
     def forward(self, x):
         self.check_input(x, ndim=4)
-        y, cache = F.avgpool2d_forward(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+        y, cache = self.ops.avgpool2d_forward(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                                        self.count_include_pad, self.divisor_override)
         self.save_for_backward(cache)
         return y
 
     def backward(self, grad_output):
-        return F.avgpool2d_backward(grad_output, self.saved_cache())
+        return self.ops.avgpool2d_backward(grad_output, self.saved_cache())
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -65,12 +64,12 @@ class AdaptiveAvgPool2d(Module):
 
     def forward(self, x):
         self.check_input(x, ndim=4)
-        y, cache = F.adaptive_avgpool2d_forward(x, self.output_size)
+        y, cache = self.ops.adaptive_avgpool2d_forward(x, self.output_size)
         self.save_for_backward(cache)
         return y
 
     def backward(self, grad_output):
-        return F.adaptive_avgpool2d_backward(grad_output, self.saved_cache())
+        return self.ops.adaptive_avgpool2d_backward(grad_output, self.saved_cache())
 
     def extra_repr(self):
         return f"output_size={self.output_size}"
