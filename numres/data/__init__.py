@@ -1,0 +1,39 @@
+"""Datasets and the data loader.
+
+* ``load_dataset("digits", split)`` - the UCI handwritten digits embedded in numres
+  (1,437 train / 360 test grey 8x8 images; see :mod:`numres.data.digits`).
+* ``load_dataset("cifar10", split, data_dir)`` - CIFAR-10 from its python batch files
+  (see :mod:`numres.data.cifar`).
+* :class:`DataLoader` - seeded shuffling, batching, augmentation and normalisation on
+  the model's backend.
+
+``AUGMENTATION[name]`` is each dataset's default training augmentation: CIFAR-10 uses the
+paper's random 32x32 crop from the image padded by 4 zero pixels, and random horizontal
+flips.  The digits use a crop with 1 pixel of padding (shifts of at most one pixel, an
+eighth of the image) and **no** flip: a mirrored 2, 3, 4, 5, 6, 7 or 9 is not that digit.
+"""
+from .cifar import CifarFormatError, load_cifar10
+from .digits import load_digits
+from .loader import DataLoader, ImageDataset
+
+DATASETS = ("digits", "cifar10")
+AUGMENTATION = {"digits": dict(crop_padding=1, flip=False), "cifar10": dict(crop_padding=4, flip=True)}
+
+
+def load_dataset(name: str, split: str = "train", data_dir=None) -> ImageDataset:
+    """One split of a named dataset as an :class:`ImageDataset` (uint8 images, int64 labels)."""
+    if name == "digits":
+        from .digits import CLASSES, MAX_VALUE
+        images, labels = load_digits(split)
+        return ImageDataset(images, labels, CLASSES, MAX_VALUE, "digits")
+    if name == "cifar10":
+        if data_dir is None:
+            raise ValueError("CIFAR-10 needs a data directory holding its python batch files (--data-dir)")
+        from .cifar import CLASSES, MAX_VALUE
+        images, labels = load_cifar10(data_dir, split)
+        return ImageDataset(images, labels, CLASSES, MAX_VALUE, "cifar10")
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+__all__ = ["DATASETS", "AUGMENTATION", "load_dataset", "load_digits", "load_cifar10", "CifarFormatError",
+           "DataLoader", "ImageDataset"]
