@@ -5,7 +5,7 @@ upstream gradient and that cache and returns the gradients.  Backward never chan
 the cache, so it can be run more than once.  These functions hold no state; the
 modules in :mod:`numres.nn` wrap them.
 """
-from .activation import add_relu_forward, relu_backward, relu_forward
+from .activation import add, add_relu_forward, relu_backward, relu_forward
 from .batchnorm import batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward
 from .conv import col2im, conv2d_backward, conv2d_forward, im2col
 from .linear import linear_backward, linear_forward

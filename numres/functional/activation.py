@@ -1,31 +1,52 @@
-"""ReLU and the residual join.
+"""ReLU, and the residual join that ends every ResNet block.
 
-ReLU::   y = max(x, 0)          dx = dy * [y > 0]
+ReLU::            y = max(x, 0)                  dx = dy * [y > 0]
+Residual join::   y = max(x + identity, 0)       dx = d(identity) = dy * [y > 0]
 
-The mask is read from the *output*, which the next layer keeps anyway, so ReLU
-saves nothing of its own.  (PyTorch also gives x = 0 a zero gradient.)
+The ReLU mask is read from the *output*, which the next layer keeps anyway, so
+nothing extra is saved.  (PyTorch also gives x = 0 a zero gradient.)  The work
+runs in cache-sized tiles on all cores (:mod:`numres.parallel`).
 """
 from __future__ import annotations
 
 from ..backend import xp_of
+from ..parallel import map_tiles
+from .layout import as_rows, rows_like
+
+
+def _rowwise(fill, template, *operands):
+    """Allocate rows shaped like ``template`` and ``fill(out_tile, *operand_tiles)`` tile by tile."""
+    xp = xp_of(template)
+    rows = [as_rows(operand) for operand in operands]
+    out = xp.empty_like(rows[0])
+    map_tiles(lambda tile: fill(out[tile], *(r[tile] for r in rows)), out.shape[0], out.shape[1], xp)
+    return rows_like(out, template)
 
 
 def relu_forward(x):
     """``(y, cache)``; the cache is ``y`` itself."""
-    y = xp_of(x).maximum(x, 0)
+    xp = xp_of(x)
+    y = _rowwise(lambda out, a: xp.maximum(a, 0, out=out), x, x)
     return y, y
 
 
 def relu_backward(dy, y):
     """``dx = dy`` where the output was positive, else 0."""
-    return dy * (y > 0)
+    xp = xp_of(dy)
+    return _rowwise(lambda out, g, o: xp.multiply(g, o > 0, out=out), dy, dy, y)
 
 
 def add_relu_forward(x, identity):
-    """The end of a residual block: ``y = max(x + identity, 0)``, computed in ``x``'s memory.
+    """``max(x + identity, 0)`` in one pass; its backward is :func:`relu_backward` on the output,
+    and that gradient flows to both summands."""
+    xp = xp_of(x)
 
-    The backward is :func:`relu_backward`; the same gradient then flows to both summands.
-    """
-    x += identity
-    xp_of(x).maximum(x, 0, out=x)
-    return x
+    def fill(out, a, b):
+        xp.add(a, b, out=out)
+        xp.maximum(out, 0, out=out)
+    return _rowwise(fill, x, x, identity)
+
+
+def add(a, b):
+    """``a + b`` for two gradients that meet (a residual fork), in tiles on all cores."""
+    return _rowwise(lambda out, p, q: xp_of(p).add(p, q, out=out), a, a, b)

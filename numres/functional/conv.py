@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import xp_of
+from ..parallel import map_tiles
 
 
 def pair(value, name="value"):
@@ -60,8 +61,17 @@ def pad_nhwc(x_nhwc, pad_h, pad_w, value=0.0, extra_h=0, extra_w=0):
         return x_nhwc
     xp = xp_of(x_nhwc)
     n, h, w, c = x_nhwc.shape
-    padded = xp.full((n, h + 2 * pad_h + extra_h, w + 2 * pad_w + extra_w, c), value, dtype=x_nhwc.dtype)
-    padded[:, pad_h:pad_h + h, pad_w:pad_w + w, :] = x_nhwc
+    padded = xp.empty((n, h + 2 * pad_h + extra_h, w + 2 * pad_w + extra_w, c), dtype=x_nhwc.dtype)
+
+    def fill(images):
+        frame = padded[images]
+        frame[:, :pad_h] = value
+        frame[:, pad_h + h:] = value
+        frame[:, pad_h:pad_h + h, :pad_w] = value
+        frame[:, pad_h:pad_h + h, pad_w + w:] = value
+        frame[:, pad_h:pad_h + h, pad_w:pad_w + w] = x_nhwc[images]
+
+    map_tiles(fill, n, padded[0].size, xp)
     return padded
 
 
@@ -96,8 +106,18 @@ def im2col(x, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
               output_size(w, kernel[1], stride[1], padding[1], dilation[1]))
     padded = pad_nhwc(x.transpose(0, 2, 3, 1), padding[0], padding[1])
     windows = sliding_windows(padded, kernel, stride, dilation, out_hw, groups)
-    # (N, OH, OW, kh, kw, g, Cg) -> (g, N, OH, OW, kh, kw, Cg): one copy (none when already in order).
-    cols = xp.ascontiguousarray(windows.transpose(5, 0, 1, 2, 3, 4, 6))
+    # (N, OH, OW, kh, kw, g, Cg) -> (g, N, OH, OW, kh, kw, Cg): one copy, image by image on all cores
+    # (no copy at all when the view is already in that order, as for a 1x1 stride-1 convolution).
+    ordered = windows.transpose(5, 0, 1, 2, 3, 4, 6)
+    if ordered.flags.c_contiguous:
+        cols = ordered
+    else:
+        cols = xp.empty(ordered.shape, dtype=x.dtype)
+
+        def copy_images(images):
+            cols[:, images] = ordered[:, images]
+
+        map_tiles(copy_images, n, cols[:, 0].size, xp)
     rows = n * out_hw[0] * out_hw[1]
     return cols.reshape(groups, rows, kernel[0] * kernel[1] * (c // groups)), out_hw
 
@@ -114,9 +134,15 @@ def col2im(dcols, x_shape, kernel, stride, padding, dilation, out_hw, groups=1):
         # Every input pixel sits in exactly one window: col2im is a reshape.
         return dcols.transpose(1, 0, 2).reshape(n, h, w, c).transpose(0, 3, 1, 2)
     taps = dcols.reshape(groups, n, out_hw[0], out_hw[1], kernel[0], kernel[1], cg)
-    padded = xp.zeros((n, h + 2 * padding[0], w + 2 * padding[1], groups, cg), dtype=dcols.dtype)
-    for i, j, rows, cols in kernel_offsets(kernel, stride, dilation, out_hw):
-        padded[:, rows, cols] += taps[:, :, :, :, i, j, :].transpose(1, 2, 3, 0, 4)
+    padded = xp.empty((n, h + 2 * padding[0], w + 2 * padding[1], groups, cg), dtype=dcols.dtype)
+
+    def accumulate(images):
+        frame = padded[images]
+        frame[...] = 0
+        for i, j, rows, cols in kernel_offsets(kernel, stride, dilation, out_hw):
+            frame[:, rows, cols] += taps[:, images, :, :, i, j, :].transpose(1, 2, 3, 0, 4)
+
+    map_tiles(accumulate, n, padded[0].size, xp)
     dx_nhwc = padded[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w].reshape(n, h, w, c)
     return dx_nhwc.transpose(0, 3, 1, 2)
 

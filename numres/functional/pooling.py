@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import xp_of
+from ..parallel import map_tiles
 from .conv import kernel_offsets, output_size, pad_nhwc, pair
 
 
@@ -49,43 +50,65 @@ def _padded(x, geometry, value):
                     geometry.extra[0], geometry.extra[1])
 
 
-def _scatter_taps(tap_gradient, x_shape, geometry, dtype, xp):
-    """Sum ``tap_gradient(t)`` (an (N, OH, OW, C) array for tap t) into the window positions of dx."""
+def _scatter_taps(window_gradients, x_shape, geometry, dtype, xp):
+    """dx from per-tap gradients.  ``window_gradients(images)`` yields, tap by tap in window order,
+    the (n, OH, OW, C) gradient each tap sends back for the images in the slice ``images``; each
+    is summed into the input positions that tap read."""
     n, c, h, w = x_shape
     pad_h, pad_w = geometry.padding
-    padded = xp.zeros((n, h + 2 * pad_h + geometry.extra[0], w + 2 * pad_w + geometry.extra[1], c), dtype=dtype)
-    for i, j, rows, cols in kernel_offsets(geometry.kernel, geometry.stride, geometry.dilation, geometry.out_hw):
-        padded[:, rows, cols] += tap_gradient(i * geometry.kernel[1] + j)
+    padded = xp.empty((n, h + 2 * pad_h + geometry.extra[0], w + 2 * pad_w + geometry.extra[1], c), dtype=dtype)
+
+    def accumulate(images):
+        frame = padded[images]
+        frame[...] = 0
+        for tap, gradient in zip(_taps(frame, geometry), window_gradients(images)):
+            tap += gradient
+
+    map_tiles(accumulate, n, padded[0].size, xp)
     return padded[:, pad_h:pad_h + h, pad_w:pad_w + w].transpose(0, 3, 1, 2)
+
+
+def _taps(frame, geometry):
+    """The strided view of ``frame`` (padded NHWC images) that each kernel tap reads, in window order."""
+    for _, _, rows, cols in kernel_offsets(geometry.kernel, geometry.stride, geometry.dilation, geometry.out_hw):
+        yield frame[:, rows, cols]
 
 
 # --- max pooling -----------------------------------------------------------------------------
 
 def maxpool2d_forward(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
-    """``(y, cache)``; the cache holds, per output, the index of the winning tap in its window."""
+    """``(y, cache)``: the running maximum over the taps; the cache keeps the padded input and ``y``."""
     xp = xp_of(x)
     geometry = pool_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
     padded = _padded(x, geometry, -xp.inf)
-    y = argmax = None
-    for i, j, rows, cols in kernel_offsets(geometry.kernel, geometry.stride, geometry.dilation, geometry.out_hw):
-        tap = padded[:, rows, cols]
-        if y is None:
-            y = tap.copy()
-            argmax = xp.zeros(y.shape, dtype=xp.int32)
-            continue
-        # Strictly greater keeps the first maximum; a NaN wins, as in PyTorch.
-        better = (tap > y) | xp.isnan(tap)
-        y[better] = tap[better]
-        argmax[better] = i * geometry.kernel[1] + j
-    return y.transpose(0, 3, 1, 2), (argmax, tuple(x.shape), geometry)
+    y = xp.empty((x.shape[0], *geometry.out_hw, x.shape[1]), dtype=x.dtype)
+
+    def pool(images):
+        out = y[images]
+        taps = _taps(padded[images], geometry)
+        out[...] = next(taps)
+        for tap in taps:
+            xp.maximum(out, tap, out=out)       # NaN propagates, as in PyTorch
+
+    map_tiles(pool, x.shape[0], padded[0].size, xp)
+    return y.transpose(0, 3, 1, 2), (padded, y, tuple(x.shape), geometry)
 
 
 def maxpool2d_backward(dy, cache):
-    """Route each output's gradient to the element that won its window."""
+    """Route each output's gradient to the first element of its window that equals the maximum."""
     xp = xp_of(dy)
-    argmax, x_shape, geometry = cache
+    padded, y, x_shape, geometry = cache
     dy_nhwc = dy.transpose(0, 2, 3, 1)
-    return _scatter_taps(lambda tap: xp.where(argmax == tap, dy_nhwc, 0), x_shape, geometry, dy.dtype, xp)
+
+    def window_gradients(images):
+        maximum, gradient = y[images], dy_nhwc[images]
+        unclaimed = xp.ones(maximum.shape, dtype=bool)
+        for tap in _taps(padded[images], geometry):
+            winner = (tap == maximum) & unclaimed
+            unclaimed &= ~winner
+            yield xp.where(winner, gradient, 0)
+
+    return _scatter_taps(window_gradients, x_shape, geometry, dy.dtype, xp)
 
 
 # --- average pooling -------------------------------------------------------------------------
@@ -125,7 +148,9 @@ def avgpool2d_backward(dy, cache):
     """Spread ``dy / divisor`` evenly over each window."""
     divisor, x_shape, geometry = cache
     share = dy.transpose(0, 2, 3, 1) / divisor
-    return _scatter_taps(lambda tap: share, x_shape, geometry, dy.dtype, xp_of(dy))
+    taps = geometry.kernel[0] * geometry.kernel[1]
+    return _scatter_taps(lambda images: (share[images] for _ in range(taps)), x_shape, geometry, dy.dtype,
+                         xp_of(dy))
 
 
 # --- adaptive average pooling ------------------------------------------------------------------

@@ -15,7 +15,7 @@ torchvision, but the block applies them through the BatchNorm.
 from __future__ import annotations
 
 from .. import init
-from ..functional.activation import relu_backward
+from ..functional.activation import add, add_relu_forward, relu_backward
 from ..nn import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Linear, MaxPool2d, Module, ReLU, Sequential
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -31,12 +31,6 @@ def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1, **where):
 def conv1x1(in_planes, out_planes, stride=1, **where):
     """1x1 convolution."""
     return Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False, **where)
-
-
-def residual_join(out, identity, xp):
-    """``relu(out + identity)``, the end of every block."""
-    total = out + identity
-    return xp.maximum(total, 0, out=total)
 
 
 class BasicBlock(Module):
@@ -64,7 +58,7 @@ class BasicBlock(Module):
         out = self.bn1(self.conv1(x), relu=True)
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        out = residual_join(out, identity, self.xp)
+        out = add_relu_forward(out, identity)
         self.save_for_backward(out)
         return out
 
@@ -75,7 +69,7 @@ class BasicBlock(Module):
         grad = self.bn1.backward(grad)
         grad = self.conv1.backward(grad)
         grad_shortcut = grad_sum if self.downsample is None else self.downsample.backward(grad_sum)
-        return grad + grad_shortcut
+        return add(grad, grad_shortcut)
 
 
 class Bottleneck(Module):
@@ -103,7 +97,7 @@ class Bottleneck(Module):
         out = self.bn2(self.conv2(out), relu=True)
         out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
-        out = residual_join(out, identity, self.xp)
+        out = add_relu_forward(out, identity)
         self.save_for_backward(out)
         return out
 
@@ -116,7 +110,7 @@ class Bottleneck(Module):
         grad = self.bn1.backward(grad)
         grad = self.conv1.backward(grad)
         grad_shortcut = grad_sum if self.downsample is None else self.downsample.backward(grad_sum)
-        return grad + grad_shortcut
+        return add(grad, grad_shortcut)
 
 
 class ResNet(Module):
