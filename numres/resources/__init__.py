@@ -1,0 +1,1 @@
+"""Data files shipped with numres (the ImageNet class names)."""
