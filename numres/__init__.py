@@ -19,3 +19,8 @@ __all__ = ["backend", "functional", "init", "nn", "optim", "to_numpy", "gradchec
            "manual_seed", "save", "load", "load_weights", "no_grad", "ResNet", "BasicBlock", "Bottleneck",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
            "wide_resnet50_2", "wide_resnet101_2"]
+
+from .summary import summarize  # noqa: E402
+from .torch_checkpoint import load_torch_checkpoint  # noqa: E402
+
+__all__ += ["summarize", "load_torch_checkpoint"]
