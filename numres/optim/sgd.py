@@ -12,6 +12,8 @@ All updates happen in place on the parameter's own array, on its own backend.
 """
 from __future__ import annotations
 
+from .. import backend as B
+from ..parallel import map_items
 from .optimizer import Optimizer
 
 
@@ -32,21 +34,22 @@ class SGD(Optimizer):
 
     def step(self):
         for group in self.param_groups:
-            lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
-            weight_decay, nesterov, maximize = group["weight_decay"], group["nesterov"], group["maximize"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = -param.grad if maximize else param.grad
-                if weight_decay:
-                    grad = grad + weight_decay * param.data
-                if momentum:
-                    state = self.state_for(param)
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = grad.copy(order="K")
-                    else:
-                        buf *= momentum
-                        buf += (1.0 - dampening) * grad
-                    grad = grad + momentum * buf if nesterov else buf
-                param.data -= lr * grad
+            params = [param for param in group["params"] if param.grad is not None]
+            if params:
+                map_items(lambda param: self._update(param, group), params, B.xp_of(params[0].data))
+
+    def _update(self, param, group):
+        momentum = group["momentum"]
+        grad = -param.grad if group["maximize"] else param.grad
+        if group["weight_decay"]:
+            grad = grad + group["weight_decay"] * param.data
+        if momentum:
+            state = self.state_for(param)
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = grad.copy(order="K")
+            else:
+                buf *= momentum
+                buf += (1.0 - group["dampening"]) * grad
+            grad = grad + momentum * buf if group["nesterov"] else buf
+        param.data -= group["lr"] * grad
