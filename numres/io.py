@@ -42,7 +42,7 @@ def _encode(obj, arrays: dict):
         return {"float": repr(float(obj))}
     if hasattr(obj, "shape") and hasattr(obj, "dtype"):
         name = f"a{len(arrays)}"
-        array = np.ascontiguousarray(B.to_numpy(obj))
+        array = np.ascontiguousarray(B.to_numpy(obj)).reshape(obj.shape)   # keeps 0-d arrays 0-d
         if array.dtype == object:
             raise TypeError("numres.save cannot store object arrays")
         arrays[name] = array
