@@ -157,7 +157,7 @@ def weight_matrix(weight, groups):
 
 
 class ConvCache(NamedTuple):
-    cols: object          # (groups, N*OH*OW, kh*kw*Cg) patch matrix of the input
+    x: object             # the input; backward rebuilds the patch matrix from it
     weight: object        # the weight, PyTorch shape
     x_shape: tuple
     out_hw: tuple
@@ -183,7 +183,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     if bias is not None:
         y += bias
     y = y.reshape(n, out_hw[0], out_hw[1], out_channels).transpose(0, 3, 1, 2)
-    cache = ConvCache(cols, weight, tuple(x.shape), out_hw, (kh, kw), stride, padding, dilation, groups,
+    cache = ConvCache(x, weight, tuple(x.shape), out_hw, (kh, kw), stride, padding, dilation, groups,
                       bias is not None)
     return y, cache
 
@@ -198,12 +198,13 @@ def conv2d_backward(dy, cache: ConvCache, need_input_grad=True):
     xp = xp_of(dy)
     groups = cache.groups
     out_channels, cg, kh, kw = cache.weight.shape
-    rows = cache.cols.shape[1]
+    cols, _ = im2col(cache.x, cache.kernel, cache.stride, cache.padding, cache.dilation, groups)
+    rows = cols.shape[1]
     dy_rows = xp.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(rows, groups, out_channels // groups)
     dy_groups = dy_rows.transpose(1, 0, 2)                          # (g, rows, O/g)
 
     dweight = xp.empty((kh * kw * cg, groups, out_channels // groups), dtype=dy.dtype)
-    xp.matmul(cache.cols.transpose(0, 2, 1), dy_groups, out=dweight.transpose(1, 0, 2))
+    xp.matmul(cols.transpose(0, 2, 1), dy_groups, out=dweight.transpose(1, 0, 2))
     dweight = dweight.reshape(kh, kw, cg, out_channels).transpose(3, 2, 0, 1)
 
     dbias = dy_rows.reshape(rows, out_channels).sum(axis=0) if cache.has_bias else None
