@@ -1,0 +1,505 @@
+"""The training loop behind ``numres train``: epochs, evaluation, checkpoints, metrics, curves.
+
+One step on a batch ``(x, y)`` is::
+
+    logits = model(x); loss = criterion(logits, y)            # forward
+    model.backward(criterion.backward())                       # hand-written backward, fills p.grad
+    check that loss is finite                                   # else find the layer (see below) and stop
+    optimizer.step(); optimizer.zero_grad()
+
+After every epoch the model is evaluated on the test split, and the run writes into
+its output directory, each file atomically (a crash never leaves half a file):
+
+* ``checkpoint.npz`` - model, optimizer, schedule, epoch/step position, the loader's
+  and ``numres.init``'s RNG states and the metrics so far (``numres.save``, no pickle);
+* ``metrics.csv`` and ``metrics.json`` - one record per epoch;
+* ``curves.png`` - loss and accuracy curves, when matplotlib is installed.
+
+**Exact resume.**  The loader draws each epoch's whole plan (order, crops, flips) from
+its generator at the start of the epoch, so the checkpoint stores the generator state
+at the start of the current epoch and the number of steps taken in it.  Resuming
+replays the plan and skips those steps; the weights then evolve exactly as in an
+uninterrupted run.  Ctrl-C sets a flag, the current step finishes, and a checkpoint
+of that position is written (a second Ctrl-C stops at once, without one).
+
+**Non-finite loss.**  The failing batch is run forward again with a forward hook on
+every module; the first module (in execution order) whose output holds NaN or
+infinity is named in the :class:`NonFiniteLossError`, with the step number and any
+parameters that are already non-finite.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import inspect
+import io
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import backend as B
+from . import init
+from .data import AUGMENTATION, DataLoader, load_dataset
+from .io import atomic_write, load, save
+from .models.cifar import CIFAR_MODELS
+from .nn import CrossEntropyLoss, no_grad
+from .optim import SGD
+from .optim.lr_scheduler import CosineAnnealingLR, MultiStepLR, linear_warmup
+
+CHECKPOINT_NAME = "checkpoint.npz"
+CHECKPOINT_FORMAT = "numres-train"
+SCHEDULES = ("multistep", "cosine")
+METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
+                 "images_per_second")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step and the first non-finite layer."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (saved in its checkpoints).  Defaults: the README's digits run."""
+
+    model: str = "resnet20"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 0.1
+    schedule: str = "cosine"
+    milestones: list | None = None          # multistep: default at 50% and 75% of the epochs (the paper's)
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    warmup_start_factor: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    label_smoothing: float = 0.0
+    seed: int = 0
+    backend: str = "numpy"
+    dtype: str = "float32"
+    augment: bool = True
+    subset: int | None = None               # use only the first N train and test images (quick checks)
+    eval_batch_size: int = 256
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs must be in 0..epochs-1, got {self.warmup_epochs} "
+                             f"for {self.epochs} epochs")
+        if self.subset is not None and self.subset < 1:
+            raise ValueError(f"subset must be positive, got {self.subset}")
+        if self.schedule == "multistep" and self.milestones is None:
+            self.milestones = [self.epochs // 2, (3 * self.epochs) // 4]
+        if self.milestones is not None:
+            self.milestones = sorted(int(m) for m in self.milestones)
+
+
+# --- building the pieces ------------------------------------------------------------------------------
+
+def model_names() -> list:
+    from .models import resnet
+    return list(CIFAR_MODELS) + [name for name in resnet.__all__ if name[0].islower()]
+
+
+def build_model(name, num_classes, in_channels, backend="numpy", dtype="float32"):
+    """``(model, channels it reads)``: a CIFAR net (any ``in_channels``) or an ImageNet ResNet (3 channels)."""
+    if name in CIFAR_MODELS:
+        return CIFAR_MODELS[name](num_classes=num_classes, in_channels=in_channels, backend=backend,
+                                  dtype=dtype), in_channels
+    from .models import resnet
+    if name in resnet.__all__ and name[0].islower():
+        return getattr(resnet, name)(num_classes=num_classes, backend=backend, dtype=dtype), 3
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+
+
+def build_schedule(optimizer, config: TrainConfig):
+    """The configured schedule, stepped once per epoch; a warm-up counts towards the epochs."""
+    remaining = config.epochs - config.warmup_epochs
+    if config.schedule == "cosine":
+        main = CosineAnnealingLR(optimizer, T_max=remaining)
+    else:
+        milestones = [m - config.warmup_epochs for m in config.milestones]
+        main = MultiStepLR(optimizer, milestones, gamma=config.gamma)
+    if config.warmup_epochs:
+        return linear_warmup(optimizer, main, config.warmup_epochs, config.warmup_start_factor)
+    return main
+
+
+def _host(array):
+    return B.to_numpy(array)
+
+
+# --- finding where values went non-finite -------------------------------------------------------------
+
+def locate_nonfinite(model, x) -> dict:
+    """Run ``model`` forward on ``x`` with hooks; report the first module whose output is not finite.
+
+    Returns ``{"input": bool, "layer": name or None, "layer_type": ..., "parameters": [names]}``.
+    Children finish their forward before their parents, so the first hook to see a
+    non-finite output belongs to the innermost module where the values went bad.
+    """
+    xp = B.xp_of(x)
+    found = {"input": not bool(xp.isfinite(x).all()), "layer": None, "layer_type": None,
+             "parameters": [name for name, p in model.named_parameters() if not bool(xp.isfinite(p.data).all())]}
+
+    def watch(name):
+        def hook(module, inputs, output):
+            if found["layer"] is None and not bool(xp.isfinite(output).all()):
+                found["layer"], found["layer_type"] = name or "(model)", type(module).__name__
+        return hook
+
+    handles = [module.register_forward_hook(watch(name)) for name, module in model.named_modules()]
+    try:
+        with no_grad(), np.errstate(all="ignore"):
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def describe_nonfinite(loss_value, epoch, step, global_step, found) -> str:
+    where = f"epoch {epoch}, step {step} (global step {global_step})"
+    text = f"non-finite loss ({loss_value}) at {where}: "
+    if found["input"]:
+        text += "the input batch itself holds NaN or infinity"
+    elif found["layer"]:
+        text += f"values first went non-finite in layer '{found['layer']}' ({found['layer_type']})"
+    else:
+        text += "every layer's output is finite; the loss itself overflowed"
+    if found["parameters"]:
+        shown = ", ".join(found["parameters"][:5]) + (" ..." if len(found["parameters"]) > 5 else "")
+        text += f"; non-finite parameters: {shown}"
+    return text + ". Try a lower --lr, a warm-up (--warmup-epochs) or float64."
+
+
+# --- the trainer --------------------------------------------------------------------------------------
+
+@dataclass
+class _EpochTotals:
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Owns a run: data, model, optimizer, schedule, position and history.  ``fit()`` trains it."""
+
+    def __init__(self, config: TrainConfig, out_dir, *, progress=True, log=None):
+        self.config = config
+        self.out_dir = os.fspath(out_dir)
+        self.progress = progress
+        self.log = log or (lambda text: print(text, flush=True))
+        self.history = []
+        self.epoch = 0              # completed epochs
+        self.step_in_epoch = 0      # steps taken in the current (incomplete) epoch
+        self.global_step = 0
+        self.totals = _EpochTotals()
+        self._epoch_rng = None
+        self._stop = False
+
+        train, test = (load_dataset(config.dataset, split, config.data_dir) for split in ("train", "test"))
+        if config.subset:
+            train, test = train.subset(config.subset), test.subset(config.subset)
+        self.classes = list(train.classes)
+        self.mean, self.std = train.channel_stats()
+        init.manual_seed(config.seed)
+        self.model, channels = build_model(config.model, len(self.classes), train.channels, config.backend,
+                                           config.dtype)
+        augment = AUGMENTATION[config.dataset] if config.augment else {}
+        common = dict(mean=self.mean, std=self.std, channels=channels, backend=config.backend, dtype=config.dtype)
+        self.train_loader = DataLoader(train, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
+                                       **augment, **common)
+        self.test_loader = DataLoader(test, config.eval_batch_size, **common)
+        self.criterion = CrossEntropyLoss(label_smoothing=config.label_smoothing, backend=config.backend,
+                                          dtype=config.dtype)
+        self.optimizer = SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                             weight_decay=config.weight_decay, nesterov=config.nesterov)
+        self.scheduler = build_schedule(self.optimizer, config)
+        self._skip_input_grad = "need_input_grad" in inspect.signature(self.model.backward).parameters
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.out_dir, CHECKPOINT_NAME)
+
+    def state(self) -> dict:
+        """The checkpoint: enough to evaluate the model, and to continue the run exactly."""
+        mid_epoch = self.step_in_epoch > 0
+        return {
+            "format": CHECKPOINT_FORMAT, "version": 1,
+            "config": dataclasses.asdict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "totals": dataclasses.asdict(self.totals),
+            "loader_rng": self._epoch_rng if mid_epoch else self.train_loader.get_rng_state(),
+            "init_rng": init.get_rng_state(),
+            "classes": self.classes, "mean": self.mean, "std": self.std,
+            "history": self.history,
+        }
+
+    def save_checkpoint(self):
+        save(self.state(), self.checkpoint_path)
+
+    def load_state(self, state: dict):
+        """Continue from a checkpoint made by :meth:`state` (the model and loaders are already built)."""
+        check_checkpoint(state)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state["config"]
+        if saved["epochs"] == self.config.epochs and saved["warmup_epochs"] == self.config.warmup_epochs:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:                       # a longer (or shorter) run: recompute the schedule at the saved position
+            self.scheduler = build_schedule(self.optimizer, self.config)
+            for _ in range(int(state["scheduler"]["last_epoch"])):
+                self.scheduler.step()
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.totals = _EpochTotals(**state["totals"])
+        self.train_loader.set_rng_state(state["loader_rng"])
+        init.set_rng_state(state["init_rng"])
+        self.history = list(state["history"])
+        self.mean, self.std = np.asarray(state["mean"]), np.asarray(state["std"])
+
+    @classmethod
+    def resume(cls, path, *, epochs=None, backend=None, data_dir=None, out_dir=None, **kwargs):
+        """A trainer continuing the run saved in ``path`` (a checkpoint, or the run's directory)."""
+        path = checkpoint_file(path)
+        state = load(path)
+        check_checkpoint(state, path)
+        values = dict(state["config"])
+        values.update({k: v for k, v in dict(epochs=epochs, backend=backend, data_dir=data_dir).items()
+                       if v is not None})
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        trainer = cls(TrainConfig(**{k: v for k, v in values.items() if k in known}),
+                      out_dir or os.path.dirname(os.path.abspath(path)), **kwargs)
+        trainer.load_state(state)
+        return trainer
+
+    # --- running ----------------------------------------------------------------------------------
+
+    def fit(self, on_step=None) -> str:
+        """Train until ``config.epochs``; returns "finished" or "interrupted" (after writing a checkpoint).
+
+        ``on_step(trainer)`` is called after every optimizer step (tests use it to interrupt).
+        """
+        os.makedirs(self.out_dir, exist_ok=True)
+        with self._catch_ctrl_c():
+            while self.epoch < self.config.epochs:
+                if self._stop or not self._train_epoch(on_step):
+                    self.save_checkpoint()
+                    self.log(f"interrupted at epoch {self.epoch + 1}, step {self.step_in_epoch}: checkpoint "
+                             f"written to {self.checkpoint_path}; continue with --resume")
+                    return "interrupted"
+                self._end_epoch()
+        return "finished"
+
+    @contextlib.contextmanager
+    def _catch_ctrl_c(self):
+        """First Ctrl-C: finish the step, checkpoint, stop.  Second: stop at once (KeyboardInterrupt)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop:
+                raise KeyboardInterrupt
+            self._stop = True
+            self.log("\nCtrl-C: finishing this step and writing a checkpoint (press again to quit at once)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _train_epoch(self, on_step) -> bool:
+        """Run the rest of the current epoch; False if it was interrupted."""
+        self.model.train()
+        loader = self.train_loader
+        self._epoch_rng = loader.get_rng_state()
+        number = self.epoch + 1
+        bar = _progress(len(loader), self.step_in_epoch, f"epoch {number}/{self.config.epochs}", self.progress)
+        started = time.perf_counter() - self.totals.seconds
+        try:
+            for x, y in loader.batches(start=self.step_in_epoch):
+                loss, correct = self._step(x, y, number)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                self.totals.loss_sum += loss * len(y)
+                self.totals.correct += correct
+                self.totals.seen += len(y)
+                self.totals.seconds = time.perf_counter() - started
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{self.totals.loss_sum / self.totals.seen:.4f}",
+                                    acc=f"{self.totals.correct / self.totals.seen:.4f}",
+                                    img_s=f"{self.totals.seen / max(self.totals.seconds, 1e-9):.0f}", refresh=False)
+                if on_step is not None:
+                    on_step(self)
+                if self._stop:
+                    return False
+        finally:
+            if bar is not None:
+                bar.close()
+        return True
+
+    def _step(self, x, y, epoch_number):
+        """One SGD step; returns the batch's loss and number of correct predictions (host numbers)."""
+        xp = B.xp_of(x)
+        logits = self.model(x)
+        try:
+            loss = self.criterion(logits, y)
+        except FloatingPointError:
+            loss = None
+        if loss is not None:
+            if self._skip_input_grad:          # nobody needs dL/dx: skip the stem's input gradient
+                self.model.backward(self.criterion.backward(), need_input_grad=False)
+            else:
+                self.model.backward(self.criterion.backward())
+            correct = (logits.argmax(axis=1) == y).sum()
+            stats = _host(xp.stack([loss.astype(xp.float64), correct.astype(xp.float64)]))
+            loss_value, correct = float(stats[0]), int(stats[1])
+        if loss is None or not math.isfinite(loss_value):
+            value = "nan" if loss is None else loss_value
+            found = locate_nonfinite(self.model, x)
+            raise NonFiniteLossError(describe_nonfinite(value, epoch_number, self.step_in_epoch + 1,
+                                                        self.global_step + 1, found))
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss_value, correct
+
+    def evaluate(self, loader=None) -> dict:
+        """``{"loss", "acc", "confusion"}`` of the model in eval mode on ``loader`` (the test split by default)."""
+        return evaluate_model(self.model, loader or self.test_loader, len(self.classes), self.criterion)
+
+    def _end_epoch(self):
+        lr = self.optimizer.param_groups[0]["lr"]
+        result = self.evaluate()
+        totals = self.totals
+        record = {"epoch": self.epoch + 1, "lr": lr, "train_loss": totals.loss_sum / max(totals.seen, 1),
+                  "train_acc": totals.correct / max(totals.seen, 1), "test_loss": result["loss"],
+                  "test_acc": result["acc"], "epoch_seconds": totals.seconds,
+                  "images_per_second": totals.seen / max(totals.seconds, 1e-9)}
+        self.history.append(record)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.totals = _EpochTotals()
+        self.scheduler.step()
+        self.save_checkpoint()
+        write_metrics(self.history, self.out_dir)
+        write_curves(self.history, os.path.join(self.out_dir, "curves.png"))
+        self.log(f"epoch {record['epoch']:>3}/{self.config.epochs}  lr {lr:.4g}  "
+                 f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}  "
+                 f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.4f}  "
+                 f"{record['epoch_seconds']:.1f}s {record['images_per_second']:.0f} img/s")
+
+
+def evaluate_model(model, loader, num_classes, criterion=None) -> dict:
+    """Mean loss, accuracy and confusion matrix (rows: true class, columns: predicted) in eval mode."""
+    criterion = criterion or CrossEntropyLoss(backend=model.backend, dtype=model.dtype)
+    was_training = model.training
+    model.eval()
+    xp = model.xp
+    confusion = xp.zeros(num_classes * num_classes, dtype=xp.int64)
+    loss_sum = xp.zeros((), dtype=xp.float64)
+    try:
+        with no_grad():
+            for x, y in loader:
+                logits = model(x)
+                with np.errstate(all="ignore"):
+                    try:
+                        loss = criterion(logits, y)
+                    except FloatingPointError:
+                        loss = xp.asarray(np.nan)
+                loss_sum += loss.astype(xp.float64) * len(y)
+                confusion += xp.bincount(y * num_classes + logits.argmax(axis=1), minlength=num_classes ** 2)
+    finally:
+        model.train(was_training)
+    confusion = _host(confusion).reshape(num_classes, num_classes)
+    total = max(int(confusion.sum()), 1)
+    return {"loss": float(_host(loss_sum)) / total, "acc": float(np.trace(confusion)) / total,
+            "confusion": confusion}
+
+
+# --- files --------------------------------------------------------------------------------------------
+
+def checkpoint_file(path) -> str:
+    """``path`` itself, or the checkpoint inside it when it is a run directory."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return path
+
+
+def check_checkpoint(state, path="checkpoint"):
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a numres training checkpoint (written by `numres train`)")
+
+
+def write_metrics(history, out_dir):
+    """``metrics.csv`` and ``metrics.json`` with one record per epoch (rewritten whole, atomically)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: record[key] for key in METRIC_FIELDS} for record in history)
+    atomic_write(os.path.join(out_dir, "metrics.csv"), lambda stream: stream.write(text.getvalue().encode()))
+    payload = json.dumps(history, indent=1).encode()
+    atomic_write(os.path.join(out_dir, "metrics.json"), lambda stream: stream.write(payload))
+
+
+def write_curves(history, path) -> bool:
+    """Loss and accuracy per epoch as a PNG; False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    epochs = [r["epoch"] for r in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, key, title in ((left, "loss", "cross-entropy loss"), (right, "acc", "accuracy")):
+        axis.plot(epochs, [r[f"train_{key}"] for r in history], marker=".", label="train")
+        axis.plot(epochs, [r[f"test_{key}"] for r in history], marker=".", label="test")
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=100))
+    plt.close(figure)
+    return True
+
+
+def _progress(total, done, description, enabled):
+    """A tqdm bar on stderr, or None when disabled or tqdm is not installed."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=done, desc=description, unit="batch", leave=False, file=sys.stderr,
+                dynamic_ncols=True)
