@@ -24,3 +24,10 @@ from .summary import summarize  # noqa: E402
 from .torch_checkpoint import load_torch_checkpoint  # noqa: E402
 
 __all__ += ["summarize", "load_torch_checkpoint"]
+
+from . import data  # noqa: E402
+from .models.cifar import (plain20, plain32, plain44, plain56, plain110, resnet20, resnet32, resnet44,  # noqa: E402
+                           resnet56, resnet110)
+
+__all__ += ["data", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "plain20", "plain32", "plain44",
+            "plain56", "plain110"]
