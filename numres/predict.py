@@ -58,6 +58,7 @@ def _label(index: int, num_classes: int) -> str:
 
 def run(args) -> int:
     from .imagenet import load_image
+    from .nn import StateDictError
 
     if args.top < 1:
         raise SystemExit("numres predict: --top must be at least 1")
@@ -66,7 +67,7 @@ def run(args) -> int:
             raise SystemExit(f"numres predict: no such image: {path}")
     try:
         model = build_model(args.model, args.weights, args.backend)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, StateDictError) as exc:
         raise SystemExit(f"numres predict: {exc}") from exc
     num_classes = model.fc.out_features
     top = min(args.top, num_classes)
