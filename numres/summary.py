@@ -259,9 +259,16 @@ def _builder(name: str):
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(known)}")
 
 
+def _default_input(name: str) -> str:
+    import numres.models as models
+
+    return "1x3x32x32" if name in getattr(models, "CIFAR_MODELS", {}) else "1x3x224x224"
+
+
 def add_arguments(parser):
     parser.add_argument("model", metavar="MODEL", help="builder name, e.g. resnet18, resnet50, resnext50_32x4d")
-    parser.add_argument("--input", default="1x3x224x224", help="input shape N x C x H x W (default: 1x3x224x224)")
+    parser.add_argument("--input", default=None,
+                        help="input shape N x C x H x W (default: 1x3x32x32 for the CIFAR nets, else 1x3x224x224)")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier outputs (builder's default)")
     parser.add_argument("--shapes-only", action="store_true",
                         help="propagate shapes without computing (fast; same table)")
@@ -270,7 +277,7 @@ def add_arguments(parser):
 def run(args) -> int:
     try:
         builder = _builder(args.model)
-        shape = parse_shape(args.input)
+        shape = parse_shape(args.input or _default_input(args.model))
     except ValueError as exc:
         raise SystemExit(f"numres summary: {exc}") from exc
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
@@ -278,6 +285,7 @@ def run(args) -> int:
     try:
         summary = summarize(model, shape, shapes_only=args.shapes_only)
     except (ValueError, TypeError) as exc:
-        raise SystemExit(f"numres summary: input {args.input} does not fit {args.model}: {exc}") from exc
+        raise SystemExit(f"numres summary: input {'x'.join(map(str, shape))} does not fit {args.model}: {exc}") \
+            from exc
     print(format_summary(summary, title=args.model))
     return 0

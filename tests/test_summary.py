@@ -6,6 +6,8 @@ report on the reference model of tests/torch_reference.py.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -131,6 +133,11 @@ def test_cli_prints_table_and_totals(capsys):
     assert main(["summary", "resnet18", "--input", "2x3x32x32", "--num-classes", "10"]) == 0
     out = capsys.readouterr().out
     assert "2 x 10" in out and "Total params: 11,181,642" in out
+    assert main(["summary", "resnet56"]) == 0                # CIFAR nets default to 1x3x32x32
+    out = capsys.readouterr().out
+    assert "input 1 x 3 x 32 x 32" in out and "1 x 16 x 32 x 32" in out
+    params = int(re.search(r"Total params: ([\d,]+)", out)[1].replace(",", ""))
+    assert round(params / 1e6, 2) == 0.85                    # the paper's Table 6
     with pytest.raises(SystemExit, match="unknown model 'resnet19'"):
         main(["summary", "resnet19"])
     with pytest.raises(SystemExit, match="--input"):
