@@ -102,15 +102,26 @@ class HookHandle:
 
 
 def _backward_running_hooks(backward):
-    """Wrap a subclass's ``backward`` so its full backward hooks see (grad_input, grad_output)."""
+    """Wrap a subclass's ``backward`` so its full backward hooks see (grad_input, grad_output).
+
+    A subclass's backward that calls ``super().backward(...)`` is wrapped twice; only the
+    outermost call runs the hooks.
+    """
 
     @functools.wraps(backward)
     def backward_with_hooks(self, grad_output=None, *args, **kwargs):
-        grad_input = backward(self, grad_output, *args, **kwargs)
-        for hook in list(self._backward_hooks.values()):
-            replaced = hook(self, (grad_input,), (grad_output,))
-            if replaced is not None:
-                grad_input = replaced[0]
+        outermost = not self.__dict__.get("_running_backward", False)
+        self.__dict__["_running_backward"] = True
+        try:
+            grad_input = backward(self, grad_output, *args, **kwargs)
+        finally:
+            if outermost:
+                self.__dict__["_running_backward"] = False
+        if outermost:
+            for hook in list(self._backward_hooks.values()):
+                replaced = hook(self, (grad_input,), (grad_output,))
+                if replaced is not None:
+                    grad_input = replaced[0]
         return grad_input
 
     backward_with_hooks.runs_hooks = True
