@@ -1,0 +1,148 @@
+"""Fused BatchNorm (+ReLU) on the GPU, beside numres.functional.batchnorm.
+
+The math is the generic op's (see :mod:`numres.functional.batchnorm` and
+``kernels/batchnorm.cu``).  Per call:
+
+* training forward: ``bn_partial_moments`` reads the input once (shifted sums in double, per
+  lane), ``bn_finalize_moments`` combines the lanes per channel, updates the running
+  statistics in place (momentum may be a device scalar: no host round-trip) and writes
+  mean, 1/std and weight/std; ``bn_apply`` writes ``y`` (ReLU fused);
+* backward: ``bn_backward_partials`` reads ``dy`` and ``x`` once for both reductions,
+  ``bn_backward_finalize`` gives dweight, dbias and the dx coefficients, ``bn_backward_dx``
+  writes dx.  The ReLU mask is recomputed from ``x`` with the forward's exact expression, so
+  the cache holds only ``x`` and per-channel vectors (no ``y``, no ``xhat``).
+
+Input of any layout works (a non-channels-last input is copied once into channels-last rows);
+outputs are channels-last.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numres.functional.batchnorm as generic
+
+from .runtime import check_extent, map_shape, runtime_for, supports
+
+
+class KernelBatchNormCache(NamedTuple):
+    rows: object        # the input as contiguous (m, C) rows
+    shape: tuple        # (N, C, H, W)
+    mean: object        # (C,) statistics used to normalise (batch or running)
+    invstd: object      # (C,)
+    scale: object       # (C,) weight * invstd
+    bias: object        # (C,) (zeros without affine)
+    affine: bool
+    relu: bool
+    training: bool
+
+
+def _channel_rows(x, xp):
+    nhwc = x.transpose(0, 2, 3, 1)
+    if not nhwc.flags.c_contiguous:
+        nhwc = xp.ascontiguousarray(nhwc)
+    return nhwc.reshape(-1, x.shape[1])
+
+
+def _as_nchw(rows, shape):
+    n, c, h, w = shape
+    return rows.reshape(n, h, w, c).transpose(0, 3, 1, 2)
+
+
+def _affine_params(weight, bias, channels, dtype, xp):
+    if weight is None:
+        return xp.ones(channels, dtype=dtype), xp.zeros(channels, dtype=dtype)
+    return xp.ascontiguousarray(weight), xp.ascontiguousarray(bias)
+
+
+def _apply(rt, x_rows, shape, mean, invstd, scale, bias, affine, relu, training):
+    rows, channels = x_rows.shape
+    y = rt.xp.empty_like(x_rows)
+    rt.launch("bn_apply", x_rows.dtype, rows, channels, (x_rows, rows, channels, mean, scale, bias, int(relu), y))
+    cache = KernelBatchNormCache(x_rows, tuple(shape), mean, invstd, scale, bias, affine, relu, training)
+    return _as_nchw(y, shape), cache
+
+
+def _lanes(rt, rows, channels):
+    """The number of row lanes the partial-sum kernels will use (their grid's y extent in threads)."""
+    grid, block = map_shape(rows, channels, rt.max_blocks)
+    return grid[1] * block[1]
+
+
+def batchnorm_train_forward(x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5, relu=False):
+    """Kernel version of :func:`numres.functional.batchnorm.batchnorm_train_forward`."""
+    if not supports(x):
+        return generic.batchnorm_train_forward(x, weight, bias, running_mean, running_var, momentum, eps, relu)
+    rt = runtime_for(x)
+    xp = rt.xp
+    n, channels, h, w = x.shape
+    rows = check_extent(n * h * w, "N*H*W")
+    if rows < 2:
+        raise ValueError(f"BatchNorm2d in training mode needs more than 1 value per channel, got input of shape "
+                         f"{tuple(x.shape)}")
+    x_rows = _channel_rows(x, xp)
+    affine = weight is not None
+    weight, bias = _affine_params(weight, bias, channels, x.dtype, xp)
+    lanes = _lanes(rt, rows, channels)
+    psum = xp.empty((lanes, channels), dtype="float64")
+    psumsq = xp.empty((lanes, channels), dtype="float64")
+    grid, block = rt.launch("bn_partial_moments", x.dtype, rows, channels, (x_rows, rows, channels, psum, psumsq))
+    assert grid[1] * block[1] == lanes
+
+    mean, invstd, scale = (xp.empty(channels, dtype=x.dtype) for _ in range(3))
+    update = running_mean is not None
+    if update and not (running_mean.flags.c_contiguous and running_var.flags.c_contiguous):
+        raise ValueError("BatchNorm running statistics must be contiguous arrays (they are updated in place)")
+    on_device = isinstance(momentum, xp.ndarray)
+    momentum_array = momentum.astype("float64").reshape(1) if on_device else psum
+    rt.launch("bn_finalize_moments", x.dtype, 1, channels,
+              (x_rows, psum, psumsq, lanes, rows, channels, weight, float(eps), int(update),
+               0.0 if on_device else float(momentum), momentum_array, int(on_device),
+               running_mean if update else mean, running_var if update else invstd, mean, invstd, scale))
+    return _apply(rt, x_rows, x.shape, mean, invstd, scale, bias, affine, relu, training=True)
+
+
+def batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps=1e-5, relu=False):
+    """Kernel version of :func:`numres.functional.batchnorm.batchnorm_eval_forward`."""
+    if not supports(x):
+        return generic.batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps, relu)
+    rt = runtime_for(x)
+    xp = rt.xp
+    channels = x.shape[1]
+    check_extent(x.size // max(1, channels), "N*H*W")
+    x_rows = _channel_rows(x, xp)
+    affine = weight is not None
+    weight, bias = _affine_params(weight, bias, channels, x.dtype, xp)
+    mean, invstd, scale = (xp.empty(channels, dtype=x.dtype) for _ in range(3))
+    rt.launch("bn_eval_params", x.dtype, 1, channels,
+              (xp.ascontiguousarray(running_mean), xp.ascontiguousarray(running_var), weight, float(eps), channels,
+               mean, invstd, scale))
+    return _apply(rt, x_rows, x.shape, mean, invstd, scale, bias, affine, relu, training=False)
+
+
+def batchnorm_backward(dy, cache):
+    """Kernel version of :func:`numres.functional.batchnorm.batchnorm_backward`: ``(dx, dweight, dbias)``."""
+    if not isinstance(cache, KernelBatchNormCache):
+        return generic.batchnorm_backward(dy, cache)
+    rt = runtime_for(dy)
+    xp = rt.xp
+    rows, channels = cache.rows.shape
+    dy_rows = _channel_rows(dy, xp)
+    lanes = _lanes(rt, rows, channels)
+    pg = xp.empty((lanes, channels), dtype="float64")
+    pgx = xp.empty((lanes, channels), dtype="float64")
+    grid, block = rt.launch("bn_backward_partials", dy.dtype, rows, channels,
+                            (dy_rows, cache.rows, rows, channels, cache.mean, cache.scale, cache.bias,
+                             int(cache.relu), pg, pgx))
+    assert grid[1] * block[1] == lanes
+    dweight, dbias, shift, slope = (xp.empty(channels, dtype=dy.dtype) for _ in range(4))
+    rt.launch("bn_backward_finalize", dy.dtype, 1, channels,
+              (pg, pgx, lanes, rows, channels, cache.invstd, cache.scale, int(cache.training), dweight, dbias,
+               shift, slope))
+    dx = xp.empty_like(cache.rows)
+    rt.launch("bn_backward_dx", dy.dtype, rows, channels,
+              (dy_rows, cache.rows, rows, channels, cache.mean, cache.scale, cache.bias, int(cache.relu), shift,
+               slope, dx))
+    dx = _as_nchw(dx, cache.shape)
+    if not cache.affine:
+        return dx, None, None
+    return dx, dweight, dbias
