@@ -527,6 +527,8 @@ def degradation_verdict(histories: dict, shallow: int, deep: int, last: int = 3)
         return 100 * float(np.mean(values))
 
     verdict = {}
+    if shallow == deep:
+        return verdict
     for kind in ("plain", "resnet"):
         a, b = f"{kind}{shallow}", f"{kind}{deep}"
         if a not in histories or b not in histories:
