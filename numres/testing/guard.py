@@ -373,7 +373,10 @@ def _device_function(name):
     def function(*args, **kwargs):
         args = _unwrap_tree(args)
         kwargs = {key: _unwrap_tree(value) for key, value in kwargs.items()}
-        return _wrap(numpy_function(*args, **kwargs))
+        result = numpy_function(*args, **kwargs)
+        if isinstance(result, (bool, int, float)):     # allclose, array_equal, ...: a 0-d array in CuPy
+            result = np.asarray(result)
+        return _wrap(result)
 
     function.__name__ = function.__qualname__ = name
     function.__doc__ = f"numpy.{name} on guarded (device) arrays."

@@ -1,0 +1,267 @@
+"""The guard backend: a CPU array module that, like CuPy, refuses hidden trips to the host.
+
+Two parts:
+
+* the guard itself - what it refuses (implicit NumPy conversion, ``float()``/``bool()``/``item()``,
+  data-dependent shapes, mixing host arrays in), what it allows, and that it computes exactly
+  what NumPy computes;
+* numres under the guard - whole ResNets (BasicBlock and Bottleneck) and every other layer run
+  forward, loss, backward and SGD steps with ``backend="guard"`` inside ``no_transfers()``, and
+  agree with the NumPy backend.  A host round-trip anywhere on that path fails these tests.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import numres as nr
+from numres.testing import GuardedArray, HostRoundTripError, allow_sync, guard_xp as gx, no_transfers
+
+# --- the guard's boundary ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def g(rng):
+    return gx.asarray(rng.standard_normal((3, 4)))
+
+
+@pytest.mark.parametrize("convert", [np.asarray, np.array, lambda a: np.ascontiguousarray(a)])
+def test_implicit_numpy_conversion_is_refused(g, convert):
+    with pytest.raises(TypeError, match="Implicit conversion to a NumPy array is not allowed"):
+        convert(g)
+
+
+@pytest.mark.parametrize("call, what", [
+    (float, "float"), (int, "int"), (bool, "bool"), (complex, "complex"),
+    (lambda a: a.item(), "item"), (lambda a: a.tolist(), "tolist"), (lambda a: f"{a:.3f}", "formatting"),
+    (lambda a: [0, 1][a], "index"), (lambda a: 1 if a else 0, "bool"),
+])
+def test_scalar_conversions_are_host_round_trips(g, call, what):
+    with pytest.raises(HostRoundTripError, match=f"host round-trip on the GPU path.*{what}"):
+        call(g.sum())
+
+
+@pytest.mark.parametrize("call", [np.sum, np.exp, lambda a: np.concatenate([a, a]), lambda a: np.add(a, 1.0),
+                                  lambda a: np.ones((3, 4)) + a, lambda a: a + np.ones((3, 4)),
+                                  lambda a: a * np.ones(4), lambda a: gx.maximum(a, np.zeros(4))])
+def test_numpy_functions_and_host_operands_are_refused(g, call):
+    with pytest.raises(TypeError):
+        call(g)
+
+
+def test_data_dependent_shapes_need_allow_sync(g):
+    mask = g > 0
+    with pytest.raises(HostRoundTripError, match="data-dependent shape"):
+        g[mask]
+    with pytest.raises(HostRoundTripError, match="data-dependent shape"):
+        g[mask] = 0.0
+    with pytest.raises(HostRoundTripError, match="data-dependent shape"):
+        gx.nonzero(g)
+    with pytest.raises(HostRoundTripError, match="data-dependent shape"):
+        gx.where(mask)
+    with allow_sync():
+        expected = g.get()[mask.get()]
+        np.testing.assert_array_equal(g[mask].get(), expected)
+
+
+def test_no_transfers_refuses_even_get(g):
+    with no_transfers():
+        with pytest.raises(HostRoundTripError, match="get"):
+            g.get()
+        with pytest.raises(HostRoundTripError):
+            nr.backend.to_numpy(g)
+    assert isinstance(g.get(), np.ndarray)
+
+
+def test_results_stay_on_the_device_and_match_numpy(rng):
+    host = rng.standard_normal((4, 5))
+    other = rng.standard_normal((4, 5))
+    a, b = gx.asarray(host), gx.asarray(other)
+    # Reductions and scalar indexing give 0-d device arrays, as in CuPy, never NumPy scalars.
+    for result in (a.sum(), a.mean(), a.var(axis=None), a.max(), a[1, 2], gx.sum(a), gx.allclose(a, b)):
+        assert isinstance(result, GuardedArray) and result.ndim == 0
+    checks = [
+        (a + b, host + other), (a - 2.0, host - 2.0), (3 * a, 3 * host), (a / b, host / other),
+        (-a, -host), (abs(a), np.abs(host)), (a ** 2, host ** 2), (a @ b.T, host @ other.T),
+        (a > b, host > other), (a.T.copy(order="K"), host.T), (a.sum(axis=0), host.sum(axis=0)),
+        (a.var(axis=1), host.var(axis=1)), (a.argmax(axis=1), host.argmax(axis=1)),
+        (gx.maximum(a, 0), np.maximum(host, 0)), (gx.exp(a), np.exp(host)), (gx.where(a > 0, a, b),
+                                                                            np.where(host > 0, host, other)),
+        (a.reshape(5, 4), host.reshape(5, 4)), (a[1:3, ::2], host[1:3, ::2]),
+        (a[gx.arange(4), gx.asarray([0, 1, 2, 3])], host[np.arange(4), [0, 1, 2, 3]]),
+    ]
+    for got, expected in checks:
+        assert isinstance(got, GuardedArray)
+        np.testing.assert_array_equal(got.get(), expected)
+
+
+def test_views_share_memory_and_inplace_ops_write_through(rng):
+    host = rng.standard_normal((2, 3, 4, 5))
+    a = gx.asarray(host)
+    view = a.transpose(0, 2, 3, 1)
+    view += 1.0
+    np.testing.assert_array_equal(a.get(), host + 1.0)
+    a[0, 1] = 0.0
+    assert a.get()[0, 1].max() == 0.0 and view.get()[0, :, :, 1].max() == 0.0
+    out = gx.empty((5, 3, 2)).transpose(1, 0, 2)        # a non-contiguous output
+    gx.matmul(a[0].transpose(0, 2, 1), a[1, :, :, :2], out=out)
+    np.testing.assert_array_equal(out.get(), np.matmul(a.get()[0].transpose(0, 2, 1), a.get()[1, :, :, :2]))
+    windows = gx.lib.stride_tricks.as_strided(a, shape=(2, 2), strides=(a.strides[0], a.strides[3]))
+    np.testing.assert_array_equal(windows.get(), np.lib.stride_tricks.as_strided(
+        a.get(), shape=(2, 2), strides=(a.strides[0], a.strides[3])))
+
+
+def test_host_data_is_copied_onto_the_device(rng):
+    host = rng.standard_normal(5)
+    device = gx.asarray(host)
+    host[:] = 0.0
+    assert device.get().min() != 0.0            # the device copy does not alias host memory
+    back = device.get()
+    back[:] = 7.0
+    assert device.get().max() != 7.0            # nor does .get() alias device memory
+
+
+def test_guard_is_a_registered_numres_backend(rng):
+    assert nr.backend.get_xp("guard") is gx
+    a = gx.zeros(3)
+    assert nr.backend.backend_of(a) == "guard" and nr.backend.xp_of(a) is gx
+    np.testing.assert_array_equal(nr.backend.to_numpy(a), np.zeros(3))
+    channels_last = np.ascontiguousarray(rng.standard_normal((2, 4, 4, 3))).transpose(0, 3, 1, 2)
+    moved = nr.backend.convert(channels_last, "guard")
+    assert moved.transpose(0, 2, 3, 1).flags.c_contiguous       # layout kept
+
+
+def test_a_planted_round_trip_is_caught():
+    class Leaky(nr.nn.Module):
+        def forward(self, x):
+            return x * float(x.mean())          # the classic GPU-path bug
+
+    class HostMath(nr.nn.Module):
+        def forward(self, x):
+            return np.tanh(x)                   # a NumPy call on a device array
+
+    x = gx.ones((2, 3))
+    with pytest.raises(HostRoundTripError, match="float"):
+        Leaky(backend="guard")(x)
+    with pytest.raises(TypeError):
+        HostMath(backend="guard")(x)
+
+
+def test_layers_reject_host_input_on_the_guard_backend(rng):
+    conv = nr.nn.Conv2d(3, 4, 3, backend="guard")
+    with pytest.raises(TypeError, match="backend .guard. and expects a numres.testing.guard.ndarray"):
+        conv(rng.standard_normal((1, 3, 5, 5)).astype(np.float32))
+
+
+# --- numres under the guard -------------------------------------------------------------------------
+
+def _channels_last(array):
+    return np.ascontiguousarray(array.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def _train_steps(model, backend, x, target, steps, label_smoothing=0.1):
+    """``steps`` SGD steps on one batch; returns (losses, logits of the last step) as NumPy arrays."""
+    crit = nr.nn.CrossEntropyLoss(label_smoothing=label_smoothing, backend=backend, dtype=model.dtype)
+    opt = nr.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    x = nr.backend.convert(x, backend)
+    target = nr.backend.asarray(target, backend)
+    losses, logits = [], None
+    for _ in range(steps):
+        guard = no_transfers() if backend == "guard" else _nothing()
+        with guard:                                     # forward, loss, backward and step: no host trips
+            opt.zero_grad()
+            logits = model(x)
+            loss = crit(logits, target)
+            model.backward(crit.backward())
+            opt.step()
+        losses.append(nr.to_numpy(loss))
+    return np.array(losses), nr.to_numpy(logits)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _assert_states_match(guarded, reference, rtol):
+    guarded_state = {k: nr.to_numpy(v) for k, v in guarded.state_dict().items()}
+    for name, value in reference.state_dict().items():
+        np.testing.assert_allclose(guarded_state[name], nr.to_numpy(value), rtol=rtol, atol=0, err_msg=name)
+    for (name, p), (_, q) in zip(guarded.named_parameters(), reference.named_parameters()):
+        np.testing.assert_allclose(nr.to_numpy(p.grad), nr.to_numpy(q.grad), rtol=rtol, atol=1e-300, err_msg=name)
+
+
+@pytest.mark.parametrize("builder, dtype", [(nr.resnet18, "float64"), (nr.resnet50, "float64"),
+                                            (nr.resnet18, "float32")])
+def test_whole_resnet_trains_under_the_guard_like_numpy(builder, dtype, rng):
+    """Forward + cross-entropy + backward + SGD(momentum, weight decay), two steps, NumPy vs guard.
+
+    The guard runs NumPy's own arithmetic, so the two agree to rounding (the CPU path splits some
+    reductions into tiles that the single-tile device path does not)."""
+    x = _channels_last(rng.standard_normal((2, 3, 24, 24))).astype(dtype)     # 24 -> 12 -> 6 -> 3 -> 2 -> 1
+    target = np.array([3, 8])
+    nr.manual_seed(7)
+    reference = builder(num_classes=10, dtype=dtype)
+    nr.manual_seed(7)
+    guarded = builder(num_classes=10, dtype=dtype).to("guard")
+    ref_losses, ref_logits = _train_steps(reference, "numpy", x, target, steps=2)
+    losses, logits = _train_steps(guarded, "guard", x, target, steps=2)
+    rtol = 1e-11 if dtype == "float64" else 2e-4
+    np.testing.assert_allclose(losses, ref_losses, rtol=rtol)
+    np.testing.assert_allclose(logits, ref_logits, rtol=rtol, atol=rtol * np.abs(ref_logits).max())
+    _assert_states_match(guarded, reference, rtol=rtol if dtype == "float64" else 5e-3)
+    assert all(isinstance(p.data, GuardedArray) for p in guarded.parameters())
+    with no_transfers(), nr.no_grad():                   # evaluation mode too
+        guarded.eval()
+        eval_logits = guarded(nr.backend.convert(x, "guard"))
+    reference.eval()
+    with nr.no_grad():
+        np.testing.assert_allclose(nr.to_numpy(eval_logits), reference(x), rtol=rtol,
+                                   atol=rtol * np.abs(ref_logits).max())
+
+
+def _every_other_layer(backend):
+    """Layers and options the ResNets do not exercise: grouped/dilated/biased conv, average pools,
+    BN without affine or with a cumulative-average momentum, Flatten/Identity."""
+    where = dict(backend=backend, dtype="float64")
+    return nr.nn.Sequential(
+        nr.nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=True, **where),
+        nr.nn.BatchNorm2d(6, momentum=None, **where),
+        nr.nn.ReLU(**where),
+        nr.nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False, **where),
+        nr.nn.BatchNorm2d(6, affine=False, **where),
+        nr.nn.MaxPool2d(2, stride=1, padding=1, dilation=2, ceil_mode=True, **where),
+        nr.nn.AdaptiveAvgPool2d((2, 3), **where),
+        nr.nn.Identity(**where),
+        nr.nn.Flatten(**where),
+        nr.nn.Linear(36, 5, **where),
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_other_layer_runs_under_the_guard(reduction, rng):
+    x = rng.standard_normal((3, 4, 11, 9))
+    target = np.array([0, 4, 2])
+    dloss = rng.standard_normal(3) if reduction == "none" else 1.7
+    results = {}
+    for backend in ("numpy", "guard"):
+        nr.manual_seed(3)
+        model = _every_other_layer("numpy").to(backend)
+        crit = nr.nn.CrossEntropyLoss(reduction=reduction, label_smoothing=0.2, backend=backend, dtype="float64")
+        opt = nr.optim.SGD(model.parameters(), lr=0.1, momentum=0.5, dampening=0.1, weight_decay=1e-3,
+                           nesterov=False)
+        for _ in range(2):
+            guard = no_transfers() if backend == "guard" else _nothing()
+            with guard:
+                opt.zero_grad()
+                loss = crit(model(nr.backend.asarray(x, backend)), nr.backend.asarray(target, backend))
+                dx = model.backward(crit.backward(nr.backend.asarray(dloss, backend) if reduction == "none"
+                                                  else dloss))
+                opt.step()
+        results[backend] = (nr.to_numpy(loss), nr.to_numpy(dx), model)
+    np.testing.assert_allclose(results["guard"][0], results["numpy"][0], rtol=1e-12)
+    np.testing.assert_allclose(results["guard"][1], results["numpy"][1], rtol=1e-11, atol=1e-14)
+    _assert_states_match(results["guard"][2], results["numpy"][2], rtol=1e-11)
