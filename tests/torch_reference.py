@@ -5,11 +5,16 @@ architecture from ``torch.nn`` modules: the same attribute names and order (henc
 same ``state_dict`` keys and the same printed text), ResNet v1.5 (the Bottleneck strides
 in its 3x3 convolution), ResNeXt groups, wide blocks and dilation instead of stride.
 Autograd provides every gradient, so nothing here shares code or logic with numres.
+The helpers at the end (``rel_err``, ``model_parity``) compare a numres model with it;
+the tests and ``benchmarks/parity_resnet50.py`` share them.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
+
+import numres
 
 
 def _conv3x3(cin, cout, stride=1, groups=1, dilation=1):
@@ -141,3 +146,103 @@ def build(name, **kwargs):
 def classic_repr(module) -> str:
     """``str(module)`` in PyTorch's classic format: without the ``bias=`` field newer torch adds to BatchNorm2d."""
     return str(module).replace(", bias=True, track_running_stats", ", track_running_stats")
+
+
+# --- comparing a numres model with its reference ------------------------------------------------------
+
+def rel_err(actual, expected) -> float:
+    """``max|actual - expected| / max|expected|`` over one tensor (0 when both are all zeros).
+
+    ``expected`` is the reference (PyTorch).  Either may be a numres array (any backend) or a
+    torch tensor.  Shapes must agree exactly (never broadcast).  Non-finite entries (a max-pool
+    window lying wholly in padding gives -inf) must be identical; the error is taken over the rest.
+    """
+    a = np.asarray(_host(actual), dtype=np.float64)
+    b = np.asarray(_host(expected), dtype=np.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"shape mismatch: numres {a.shape} vs reference {b.shape}")
+    finite = np.isfinite(b)
+    if not np.array_equal(np.isfinite(a), finite) or not np.array_equal(a[~finite], b[~finite], equal_nan=True):
+        return float("inf")
+    a, b = a[finite], b[finite]
+    scale = np.abs(b).max(initial=0.0)
+    diff = np.abs(a - b).max(initial=0.0)
+    return float(diff / scale) if scale else float(diff)
+
+
+def _host(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return numres.backend.to_numpy(value)
+
+
+def load_numres_state(torch_model, nr_model):
+    """Copy every parameter and buffer of the numres model into the reference (strict, by name)."""
+    state = {k: torch.from_numpy(np.array(_host(v))) for k, v in nr_model.state_dict().items()}
+    dtype = next(torch_model.parameters()).dtype
+    torch_model.load_state_dict({k: v if v.dtype == torch.int64 else v.to(dtype) for k, v in state.items()})
+
+
+def randomize_batchnorms(nr_model, seed=0):
+    """Non-trivial BN affine parameters and running statistics (not 1/0), so no check passes by luck."""
+    rng = np.random.default_rng(seed)
+    for module in nr_model.modules():
+        if isinstance(module, numres.nn.BatchNorm2d):
+            c = module.num_features
+            module.weight.data[...] = rng.uniform(0.5, 1.5, c)
+            module.bias.data[...] = 0.1 * rng.standard_normal(c)
+            module.running_mean[...] = 0.1 * rng.standard_normal(c)
+            module.running_var[...] = rng.uniform(0.5, 2.0, c)
+            module.num_batches_tracked[...] = 5
+
+
+def torch_pass(torch_model, x, upstream) -> dict:
+    """One forward and backward of the reference in its current mode; every result as a host array.
+
+    ``x`` and ``upstream`` (dL/dlogits) are host arrays, cast to the model's dtype.
+    """
+    dtype = next(torch_model.parameters()).dtype
+    torch_model.zero_grad()
+    x_t = torch.from_numpy(np.array(x, order="C")).to(dtype).requires_grad_(True)
+    logits = torch_model(x_t)
+    logits.backward(torch.from_numpy(np.array(upstream)).to(dtype))
+    return {"logits": _host(logits), "input_grad": _host(x_t.grad),
+            "param_grads": {k: _host(p.grad) for k, p in torch_model.named_parameters()},
+            "buffers": {k: _host(b).copy() for k, b in torch_model.named_buffers()}}
+
+
+def numres_pass(nr_model, x, upstream) -> dict:
+    """The same for a numres model; ``x`` keeps its memory layout (a channels-last view stays one)."""
+    nr_model.zero_grad()
+    convert = numres.backend.convert
+    logits = nr_model(convert(x, nr_model.backend, nr_model.dtype))
+    dx = nr_model.backward(convert(upstream, nr_model.backend, nr_model.dtype))
+    return {"logits": _host(logits), "input_grad": _host(dx),
+            "param_grads": {k: _host(p.grad) for k, p in nr_model.named_parameters()},
+            "buffers": {k: _host(b).copy() for k, b in nr_model.named_buffers()}}
+
+
+def compare_passes(result, reference) -> dict:
+    """``{tensor: rel_err}`` for logits, input gradient, each parameter gradient and each float buffer.
+
+    Integer buffers (num_batches_tracked) must be equal; a missing or extra name is an error.
+    """
+    for group in ("param_grads", "buffers"):
+        if list(result[group]) != list(reference[group]):
+            raise AssertionError(f"{group} names differ: {sorted(set(result[group]) ^ set(reference[group]))}")
+    errors = {"logits": rel_err(result["logits"], reference["logits"]),
+              "input gradient": rel_err(result["input_grad"], reference["input_grad"])}
+    errors.update({f"grad {k}": rel_err(v, reference["param_grads"][k]) for k, v in result["param_grads"].items()})
+    for name, value in result["buffers"].items():
+        expected = reference["buffers"][name]
+        if np.issubdtype(expected.dtype, np.integer):
+            if not np.array_equal(value, expected):
+                raise AssertionError(f"buffer {name}: numres {value} vs reference {expected}")
+        else:
+            errors[f"buffer {name}"] = rel_err(value, expected)
+    return errors
+
+
+def model_parity(nr_model, torch_model, x, upstream) -> dict:
+    """Errors of one numres forward/backward against the reference (both holding equal weights)."""
+    return compare_passes(numres_pass(nr_model, x, upstream), torch_pass(torch_model, x, upstream))
