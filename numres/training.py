@@ -155,12 +155,16 @@ def locate_nonfinite(model, x) -> dict:
     non-finite output belongs to the innermost module where the values went bad.
     """
     xp = B.xp_of(x)
-    found = {"input": not bool(xp.isfinite(x).all()), "layer": None, "layer_type": None,
-             "parameters": [name for name, p in model.named_parameters() if not bool(xp.isfinite(p.data).all())]}
+
+    def finite(array):          # an explicit host read: this is the diagnosis, off the training path
+        return bool(_host(xp.isfinite(array).all()))
+
+    found = {"input": not finite(x), "layer": None, "layer_type": None,
+             "parameters": [name for name, p in model.named_parameters() if not finite(p.data)]}
 
     def watch(name):
         def hook(module, inputs, output):
-            if found["layer"] is None and not bool(xp.isfinite(output).all()):
+            if found["layer"] is None and not finite(output):
                 found["layer"], found["layer_type"] = name or "(model)", type(module).__name__
         return hook
 
@@ -365,29 +369,36 @@ class Trainer:
         return True
 
     def _step(self, x, y, epoch_number):
-        """One SGD step; returns the batch's loss and number of correct predictions (host numbers)."""
-        xp = B.xp_of(x)
-        logits = self.model(x)
+        """One SGD step; returns the batch's loss and number of correct predictions (host numbers).
+
+        Forward, backward and the optimizer step stay on the device; the one host read per
+        step (loss and correct count together) sits between backward and the update, so a
+        non-finite loss is caught before it can reach the weights.
+        """
         try:
-            loss = self.criterion(logits, y)
-        except FloatingPointError:
-            loss = None
-        if loss is not None:
-            if self._skip_input_grad:          # nobody needs dL/dx: skip the stem's input gradient
-                self.model.backward(self.criterion.backward(), need_input_grad=False)
-            else:
-                self.model.backward(self.criterion.backward())
-            correct = (logits.argmax(axis=1) == y).sum()
-            stats = _host(xp.stack([loss.astype(xp.float64), correct.astype(xp.float64)]))
-            loss_value, correct = float(stats[0]), int(stats[1])
-        if loss is None or not math.isfinite(loss_value):
-            value = "nan" if loss is None else loss_value
+            stats = _host(self.forward_backward(x, y))
+        except FloatingPointError:          # the NumPy backend's loss refuses non-finite values itself
+            stats = None
+        loss_value, correct = (float("nan"), 0) if stats is None else (float(stats[0]), int(stats[1]))
+        if not math.isfinite(loss_value):
             found = locate_nonfinite(self.model, x)
-            raise NonFiniteLossError(describe_nonfinite(value, epoch_number, self.step_in_epoch + 1,
+            raise NonFiniteLossError(describe_nonfinite(loss_value, epoch_number, self.step_in_epoch + 1,
                                                         self.global_step + 1, found))
         self.optimizer.step()
         self.optimizer.zero_grad()
         return loss_value, correct
+
+    def forward_backward(self, x, y):
+        """Forward and backward, all on the device; returns the device pair ``[loss, number correct]``."""
+        xp = B.xp_of(x)
+        logits = self.model(x)
+        loss = self.criterion(logits, y)
+        if self._skip_input_grad:          # nobody needs dL/dx: skip the stem's input gradient
+            self.model.backward(self.criterion.backward(), need_input_grad=False)
+        else:
+            self.model.backward(self.criterion.backward())
+        correct = (logits.argmax(axis=1) == y).sum()
+        return xp.stack([loss.astype(xp.float64), correct.astype(xp.float64)])
 
     def evaluate(self, loader=None) -> dict:
         """``{"loss", "acc", "confusion"}`` of the model in eval mode on ``loader`` (the test split by default)."""
@@ -421,7 +432,8 @@ def evaluate_model(model, loader, num_classes, criterion=None) -> dict:
     was_training = model.training
     model.eval()
     xp = model.xp
-    confusion = xp.zeros(num_classes * num_classes, dtype=xp.int64)
+    confusion = xp.zeros((num_classes, num_classes), dtype=xp.float64)
+    one_hot = xp.eye(num_classes, dtype=xp.float64)
     loss_sum = xp.zeros((), dtype=xp.float64)
     try:
         with no_grad():
@@ -433,10 +445,11 @@ def evaluate_model(model, loader, num_classes, criterion=None) -> dict:
                     except FloatingPointError:
                         loss = xp.asarray(np.nan)
                 loss_sum += loss.astype(xp.float64) * len(y)
-                confusion += xp.bincount(y * num_classes + logits.argmax(axis=1), minlength=num_classes ** 2)
+                # counts[t, p] += #(true t, predicted p): one-hot(true)^T @ one-hot(pred), shape fixed on the device
+                confusion += one_hot[y].T @ one_hot[logits.argmax(axis=1)]
     finally:
         model.train(was_training)
-    confusion = _host(confusion).reshape(num_classes, num_classes)
+    confusion = np.rint(_host(confusion)).astype(np.int64)
     total = max(int(confusion.sum()), 1)
     return {"loss": float(_host(loss_sum)) / total, "acc": float(np.trace(confusion)) / total,
             "confusion": confusion}
