@@ -30,6 +30,7 @@ def add_arguments(parser):
     run.add_argument("--data-dir", help="folder with CIFAR-10's python batches (or cifar-10-python.tar.gz)")
     run.add_argument("--epochs", type=int, help=f"default: {d.epochs}")
     run.add_argument("--batch-size", type=int, help=f"default: {d.batch_size}")
+    run.add_argument("--eval-batch-size", type=int, help=f"batch size for evaluation (default: {d.eval_batch_size})")
     run.add_argument("--subset", type=int, help="use only the first N train and test images (quick checks)")
     run.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                      help="turn off random crops/flips")

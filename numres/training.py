@@ -41,6 +41,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,9 +179,9 @@ def locate_nonfinite(model, x) -> dict:
     return found
 
 
-def describe_nonfinite(loss_value, epoch, step, global_step, found) -> str:
-    where = f"epoch {epoch}, step {step} (global step {global_step})"
-    text = f"non-finite loss ({loss_value}) at {where}: "
+def describe_nonfinite(what, loss_value, where, found) -> str:
+    """One sentence: what went non-finite, where in the run, and which layer (from :func:`locate_nonfinite`)."""
+    text = f"{what} ({loss_value}) at {where}: "
     if found["input"]:
         text += "the input batch itself holds NaN or infinity"
     elif found["layer"]:
@@ -188,7 +189,8 @@ def describe_nonfinite(loss_value, epoch, step, global_step, found) -> str:
     else:
         text += "every layer's output is finite; the loss itself overflowed"
     if found["parameters"]:
-        shown = ", ".join(found["parameters"][:5]) + (" ..." if len(found["parameters"]) > 5 else "")
+        names = found["parameters"]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         text += f"; non-finite parameters: {shown}"
     return text + ". Try a lower --lr, a warm-up (--warmup-epochs) or float64."
 
@@ -308,7 +310,10 @@ class Trainer:
         ``on_step(trainer)`` is called after every optimizer step (tests use it to interrupt).
         """
         os.makedirs(self.out_dir, exist_ok=True)
-        with self._catch_ctrl_c():
+        # Overflow and NaN are detected and explained by the loop itself; NumPy's warnings would only repeat them.
+        with self._catch_ctrl_c(), np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "(overflow|invalid value) encountered", RuntimeWarning)
             while self.epoch < self.config.epochs:
                 if self._stop or not self._train_epoch(on_step):
                     self.save_checkpoint()
@@ -356,15 +361,17 @@ class Trainer:
                 self.totals.seconds = time.perf_counter() - started
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{self.totals.loss_sum / self.totals.seen:.4f}",
-                                    acc=f"{self.totals.correct / self.totals.seen:.4f}",
-                                    img_s=f"{self.totals.seen / max(self.totals.seconds, 1e-9):.0f}", refresh=False)
+                    bar.set_postfix({"loss": f"{self.totals.loss_sum / self.totals.seen:.4f}",
+                                     "acc": f"{self.totals.correct / self.totals.seen:.4f}",
+                                     "img/s": f"{self.totals.seen / max(self.totals.seconds, 1e-9):.0f}"},
+                                    refresh=False)
                 if on_step is not None:
                     on_step(self)
                 if self._stop:
                     return False
         finally:
             if bar is not None:
+                bar.refresh()
                 bar.close()
         return True
 
@@ -382,8 +389,8 @@ class Trainer:
         loss_value, correct = (float("nan"), 0) if stats is None else (float(stats[0]), int(stats[1]))
         if not math.isfinite(loss_value):
             found = locate_nonfinite(self.model, x)
-            raise NonFiniteLossError(describe_nonfinite(loss_value, epoch_number, self.step_in_epoch + 1,
-                                                        self.global_step + 1, found))
+            where = f"epoch {epoch_number}, step {self.step_in_epoch + 1} (global step {self.global_step + 1})"
+            raise NonFiniteLossError(describe_nonfinite("non-finite loss", loss_value, where, found))
         self.optimizer.step()
         self.optimizer.zero_grad()
         return loss_value, correct
@@ -404,9 +411,23 @@ class Trainer:
         """``{"loss", "acc", "confusion"}`` of the model in eval mode on ``loader`` (the test split by default)."""
         return evaluate_model(self.model, loader or self.test_loader, len(self.classes), self.criterion)
 
+    def _diagnose_evaluation(self, loss_value):
+        """The test loss went non-finite (in eval mode, with the running statistics): find where, and stop."""
+        x, _ = next(iter(self.test_loader))
+        self.model.eval()
+        try:
+            found = locate_nonfinite(self.model, x)
+        finally:
+            self.model.train()
+        where = (f"the evaluation after epoch {self.epoch + 1} (global step {self.global_step}; eval mode, "
+                 f"with BatchNorm's running statistics)")
+        raise NonFiniteLossError(describe_nonfinite("non-finite test loss", loss_value, where, found))
+
     def _end_epoch(self):
         lr = self.optimizer.param_groups[0]["lr"]
         result = self.evaluate()
+        if not math.isfinite(result["loss"]):
+            self._diagnose_evaluation(result["loss"])
         totals = self.totals
         record = {"epoch": self.epoch + 1, "lr": lr, "train_loss": totals.loss_sum / max(totals.seen, 1),
                   "train_acc": totals.correct / max(totals.seen, 1), "test_loss": result["loss"],
