@@ -81,13 +81,21 @@ def rng():
     return np.random.default_rng(1234)
 
 
+def _require_cupy():
+    try:
+        nr.backend.get_xp("cupy")
+    except nr.backend.BackendUnavailableError as exc:
+        pytest.skip(f"CuPy backend unavailable: {exc}")
+    return "cupy"
+
+
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
 def backend(request):
     """Each backend numres supports; CuPy is skipped where it (or a GPU) is absent."""
-    name = request.param
-    if name == "cupy":
-        try:
-            nr.backend.get_xp("cupy")
-        except nr.backend.BackendUnavailableError as exc:
-            pytest.skip(f"CuPy backend unavailable: {exc}")
-    return name
+    return _require_cupy() if request.param == "cupy" else request.param
+
+
+@pytest.fixture
+def cupy_backend():
+    """``"cupy"``, or a clean skip where CuPy or a GPU is absent."""
+    return _require_cupy()
