@@ -9,11 +9,19 @@ import signal
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 import numres as nr
 from numres.evaluate import evaluate_checkpoint
 from numres.training import (METRIC_FIELDS, NonFiniteLossError, Trainer, TrainConfig, locate_nonfinite,
                              build_model)
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """As `numres train` does for 8x8 images: these GEMMs are too small to split (and the CPU is shared)."""
+    with threadpool_limits(1, user_api="blas"):
+        yield
 
 
 def tiny(**overrides):
