@@ -31,3 +31,6 @@ from .models.cifar import (plain20, plain32, plain44, plain56, plain110, resnet2
 
 __all__ += ["data", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "plain20", "plain32", "plain44",
             "plain56", "plain110"]
+
+from . import study  # noqa: E402  (numres.study.gradient_flow; matplotlib only loads when plotting)
+__all__ += ["study"]
