@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 
+from .backend import BackendUnavailableError
 from .data import DataLoader, load_dataset
 from .io import load
 from .training import build_model, check_checkpoint, checkpoint_file, evaluate_model
@@ -61,7 +62,7 @@ def format_confusion(confusion, classes) -> str:
 def run(args) -> int:
     try:
         result = evaluate_checkpoint(args.checkpoint, args.split, args.data_dir, args.backend, args.batch_size)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, BackendUnavailableError) as exc:
         print(f"numres evaluate: error: {exc}", file=sys.stderr)
         return 2
     correct = int(np.trace(result["confusion"]))

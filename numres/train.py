@@ -16,6 +16,7 @@ import dataclasses
 import os
 import sys
 
+from .backend import BackendUnavailableError
 from .training import SCHEDULES, NonFiniteLossError, Trainer, TrainConfig, checkpoint_file, model_names
 
 DEFAULTS = TrainConfig()
@@ -105,17 +106,21 @@ def _blas_threads(requested, trainer):
     return threadpool_limits(count, user_api="blas")
 
 
+def _plural(count, word):
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def run(args) -> int:
     try:
         trainer = _trainer(args)
         threads = _blas_threads(getattr(args, "threads", "auto"), trainer)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, BackendUnavailableError) as exc:
         print(f"numres train: error: {exc}", file=sys.stderr)
         return 2
     c = trainer.config
     count = sum(p.size for p in trainer.model.parameters())
     print(f"{c.model} ({count:,} parameters) on {c.dataset}: {len(trainer.train_loader.dataset)} train / "
-          f"{len(trainer.test_loader.dataset)} test images, {c.epochs} epochs of {len(trainer.train_loader)} "
+          f"{len(trainer.test_loader.dataset)} test images, {_plural(c.epochs, 'epoch')} of {len(trainer.train_loader)} "
           f"batches of {c.batch_size}, lr {c.lr} ({c.schedule}"
           f"{f', warm-up {c.warmup_epochs}' if c.warmup_epochs else ''}), backend {c.backend}, {c.dtype}",
           flush=True)
@@ -134,6 +139,6 @@ def run(args) -> int:
     final = trainer.history[-1] if trainer.history else None
     if final:
         total = sum(r["epoch_seconds"] for r in trainer.history)
-        print(f"done: test accuracy {final['test_acc']:.4f} after {final['epoch']} epochs "
+        print(f"done: test accuracy {final['test_acc']:.4f} after {_plural(final['epoch'], 'epoch')} "
               f"({total:.0f}s training); checkpoint, metrics and curves in {trainer.out_dir}")
     return 0
