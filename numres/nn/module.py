@@ -111,6 +111,8 @@ def _backward_running_hooks(backward):
     @functools.wraps(backward)
     def backward_with_hooks(self, grad_output=None, *args, **kwargs):
         outermost = not self.__dict__.get("_running_backward", False)
+        if outermost:
+            self.check_grad_output(grad_output)
         self.__dict__["_running_backward"] = True
         try:
             grad_input = backward(self, grad_output, *args, **kwargs)
@@ -208,7 +210,21 @@ class Module:
             replaced = hook(self, (x,), y)
             if replaced is not None:
                 y = replaced
+        self.__dict__["_output_signature"] = (tuple(y.shape), y.dtype) if hasattr(y, "shape") else None
         return y
+
+    def check_grad_output(self, grad_output):
+        """The upstream gradient must have the shape and dtype of the last output (no silent broadcast)."""
+        signature = self.__dict__.get("_output_signature")
+        if signature is None or grad_output is None or not hasattr(grad_output, "shape"):
+            return
+        shape, dtype = signature
+        if tuple(grad_output.shape) != shape:
+            raise ValueError(f"{type(self).__name__}.backward() got a gradient of shape {tuple(grad_output.shape)}, "
+                             f"but its output had shape {shape}")
+        if grad_output.dtype != dtype:
+            raise TypeError(f"{type(self).__name__}.backward() got a gradient of dtype {grad_output.dtype}, "
+                            f"but its output had dtype {dtype}")
 
     def save_for_backward(self, cache):
         """Keep ``cache`` for backward, unless gradients are disabled."""
