@@ -215,13 +215,20 @@ def test_degradation_command_end_to_end(tmp_path):
         assert 0 <= float(r["train_error"]) <= 1 and 0 <= float(r["test_error"]) <= 1
         assert np.isfinite(float(r["train_loss"])) and np.isfinite(float(r["test_loss"]))
     result = json.loads((out / "degradation.json").read_text())
-    assert result["budget"]["epochs"] == 2 and set(result["verdict"]) == {"plain", "resnet"}
+    assert result["budget"]["epochs"] == 2 and result["budget"]["warmup_epochs"] == 1   # clipped to epochs - 1
+    assert set(result["verdict"]) == {"plain", "resnet"}
+    assert [float(r["lr"]) for r in rows[:2]] == pytest.approx([0.01, 0.001])   # warm-up, then both drops
     assert (out / "degradation.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_degradation_schedule_is_the_papers_step_rule():
-    budget = study.Budget(epochs=8, lr=0.1)
-    assert [round(budget.lr_at(e), 12) for e in range(8)] == [0.1] * 4 + [0.01] * 2 + [0.001] * 2
+    """lr/10 during the warm-up, then lr, divided by 10 at 50% and at 75% of the epochs."""
+    plain = study.Budget(epochs=8, lr=0.1, warmup_epochs=0)
+    assert [round(plain.lr_at(e), 12) for e in range(8)] == [0.1] * 4 + [0.01] * 2 + [0.001] * 2
+    warm = study.Budget(epochs=8, lr=0.1, warmup_epochs=2)
+    assert [round(warm.lr_at(e), 12) for e in range(8)] == [0.01] * 2 + [0.1] * 2 + [0.01] * 2 + [0.001] * 2
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        study.Budget(epochs=2, warmup_epochs=2)
 
 
 def test_study_command_rejects_bad_arguments(capsys):
