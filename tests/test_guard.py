@@ -194,8 +194,14 @@ def _assert_states_match(guarded, reference, rtol):
         np.testing.assert_allclose(nr.to_numpy(p.grad), nr.to_numpy(q.grad), rtol=rtol, atol=1e-300, err_msg=name)
 
 
-@pytest.mark.parametrize("builder, dtype", [(nr.resnet18, "float64"), (nr.resnet50, "float64"),
-                                            (nr.resnet18, "float32")])
+def _bottleneck_resnet(**kwargs):
+    """ResNet-50's Bottleneck blocks at lower depth (layer1 has a projection and an identity block):
+    the same code paths as resnet50 at a fraction of its 25M parameters."""
+    return nr.ResNet(nr.Bottleneck, [2, 1, 1, 1], **kwargs)
+
+
+@pytest.mark.parametrize("builder, dtype", [(nr.resnet18, "float64"), (_bottleneck_resnet, "float64"),
+                                            (_bottleneck_resnet, "float32")])
 def test_whole_resnet_trains_under_the_guard_like_numpy(builder, dtype, rng):
     """Forward + cross-entropy + backward + SGD(momentum, weight decay), two steps, NumPy vs guard.
 

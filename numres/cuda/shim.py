@@ -38,11 +38,11 @@ def compiler() -> str | None:
 
 
 def build(unit: str) -> ctypes.CDLL:
-    """Compile ``unit`` (``"im2col.cu"``, ...) with g++ under the shim and load it (cached by content)."""
+    """Compile ``unit`` (``"im2col.cu"``, ...) with g++ under the shim and load it (built once per content)."""
+    if unit in _LIBRARIES:
+        return _LIBRARIES[unit]
     text = sources.shim_source(unit)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    if digest in _LIBRARIES:
-        return _LIBRARIES[digest]
     gxx = compiler()
     if gxx is None:
         raise RuntimeError("g++ is needed to run numres's CUDA kernels on the CPU")
@@ -58,18 +58,72 @@ def build(unit: str) -> ctypes.CDLL:
         if result.returncode != 0:
             raise RuntimeError(f"g++ could not build {unit} under the shim:\n{result.stderr}")
         partial.replace(library)        # atomic: a concurrent build never loads half a library
-    _LIBRARIES[digest] = ctypes.CDLL(str(library))
-    return _LIBRARIES[digest]
+    _LIBRARIES[unit] = ctypes.CDLL(str(library))
+    return _LIBRARIES[unit]
+
+
+CANARY_ELEMENTS = 64
+
+
+def _canary_value(dtype):
+    dtype = np.dtype(dtype)
+    return np.nan if dtype.kind == "f" else np.iinfo(dtype).min if dtype.kind in "iu" else 0
+
+
+def framed(values, canary=None):
+    """A copy of ``values`` in the middle of a larger buffer whose margins hold a canary (NaN for
+    floats): a kernel that reads outside the array picks up NaN, one that writes there is caught
+    by :meth:`CanaryNumpy.check`."""
+    values = np.asarray(values)
+    canary = _canary_value(values.dtype) if canary is None else canary
+    buffer = np.full(values.size + 2 * CANARY_ELEMENTS, canary, dtype=values.dtype)
+    inner = buffer[CANARY_ELEMENTS:CANARY_ELEMENTS + values.size].reshape(values.shape)
+    inner[...] = values
+    return inner
+
+
+class CanaryNumpy:
+    """``numpy`` for the shim runtime, except that ``empty``/``empty_like`` allocate framed arrays
+    (see :func:`framed`) and remember them, so every kernel output can be checked for writes
+    outside its bounds."""
+
+    def __init__(self):
+        self._frames = []
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def empty(self, shape, dtype=float):
+        array = framed(np.zeros(shape, dtype=dtype))
+        array[...] = _canary_value(array.dtype)           # unwritten elements stay recognisable
+        self._frames.append(array)
+        return array
+
+    def empty_like(self, prototype, dtype=None):
+        return self.empty(prototype.shape, dtype or prototype.dtype)
+
+    def check(self, entry):
+        for array in self._frames:
+            buffer = array.base
+            margins = np.concatenate([buffer[:CANARY_ELEMENTS], buffer[-CANARY_ELEMENTS:]])
+            expected = _canary_value(buffer.dtype)
+            intact = np.isnan(margins).all() if buffer.dtype.kind == "f" else (margins == expected).all()
+            if not intact:
+                raise AssertionError(f"kernel {entry} wrote outside the bounds of an output array")
+        self._frames = self._frames[-64:]
 
 
 class ShimRuntime(runtime.Runtime):
-    """Runs kernels on NumPy arrays, thread by thread, from the g++ build of their source."""
+    """Runs kernels on NumPy arrays, thread by thread, from the g++ build of their source.
 
-    xp = np
+    ``max_blocks`` is small by default so that grid-stride loops wrap around; outputs are
+    framed by canaries (``canaries=True``) and checked after every launch.
+    """
 
-    def __init__(self, max_blocks: int = 3, reverse: bool = False):
+    def __init__(self, max_blocks: int = 3, reverse: bool = False, canaries: bool = True):
         self.max_blocks = max_blocks
         self.reverse = reverse
+        self.xp = CanaryNumpy() if canaries else np
         self.launches = []          # (kernel entry, grid, block) of every launch, for tests to inspect
 
     def _run(self, kernel, dtype, grid, block, args):
@@ -93,3 +147,5 @@ class ShimRuntime(runtime.Runtime):
         library.numres_shim_set_order(int(self.reverse))
         function(*values)
         self.launches.append((entry, grid, block))
+        if isinstance(self.xp, CanaryNumpy):
+            self.xp.check(entry)

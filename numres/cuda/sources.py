@@ -16,6 +16,7 @@ dtype) and to check each array argument's dtype before a launch.
 """
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -144,6 +145,7 @@ def shim_launchers(unit: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_source(unit: str) -> str:
     """The complete CUDA text of ``unit`` (``"im2col.cu"``, ...): common header, kernels, entry points."""
     if unit not in UNITS:
@@ -151,6 +153,7 @@ def cuda_source(unit: str) -> str:
     return f"{read(COMMON_HEADER)}\n{read(unit)}\n{entry_points(unit)}"
 
 
+@functools.lru_cache(maxsize=None)
 def shim_source(unit: str) -> str:
     """``unit`` as C++ for g++: the shim header first, then the CUDA text, then the CPU launchers."""
     return f"{read(SHIM_HEADER)}\n{cuda_source(unit)}\n{shim_launchers(unit)}"

@@ -1,0 +1,352 @@
+"""numres's CUDA kernels, checked without a GPU.
+
+* Every CUDA source compiles with ``nvcc --ptx -arch=sm_90`` for float and double, and the PTX
+  assembles with ``ptxas`` (skipped where nvcc is absent).
+* Every kernel is a plain per-thread map, so the same source also builds with g++ under
+  ``kernels/shim.h`` and runs on the CPU (:mod:`numres.cuda.shim`).  The kernel ops then run on
+  NumPy arrays exactly as they would on CuPy ones - same wrappers, argument checks and launch
+  shapes, only with few blocks so the grid-stride loops wrap - and are compared with the
+  generic numres ops on random inputs with odd sizes, in float32 and float64, with the threads
+  run forwards and backwards, and with every output framed by canaries that catch a write out
+  of bounds (inputs are framed by NaN, so a read out of bounds shows up in the result).
+* Last, the kernels are registered for the NumPy backend and whole models train through them.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import numres as nr
+import numres.functional as F
+from numres.cuda import activation, batchnorm, conv, loss, pooling, runtime, shim, sources
+from numres.functional.dispatch import ops_for
+
+DTYPES = ["float32", "float64"]
+TOL = {"float32": 2e-5, "float64": 1e-12}
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not installed")
+needs_gxx = pytest.mark.skipif(shim.compiler() is None, reason="g++ not installed")
+
+
+# --- nvcc --------------------------------------------------------------------------------------------
+
+@needs_nvcc
+@pytest.mark.parametrize("unit", sources.UNITS)
+def test_source_compiles_with_nvcc_for_sm90(unit, tmp_path):
+    source = tmp_path / unit
+    source.write_text(sources.cuda_source(unit))
+    ptx = tmp_path / f"{source.stem}.ptx"
+    result = subprocess.run(["nvcc", "--ptx", "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings",
+                             "-o", str(ptx), str(source)], capture_output=True, text=True)
+    assert result.returncode == 0, f"nvcc failed on {unit}:\n{result.stderr}"
+    text = ptx.read_text()
+    for kernel in sources.KERNELS.values():
+        if kernel.unit == unit:
+            for dtype in DTYPES:
+                assert f".entry {kernel.entry(dtype)}(" in text, f"{kernel.entry(dtype)} missing from the PTX"
+    ptxas = shutil.which("ptxas") or str(
+        __import__("pathlib").Path(shutil.which("nvcc")).resolve().with_name("ptxas"))
+    assembled = subprocess.run([ptxas, "-arch=sm_90", "-o", str(tmp_path / "out.cubin"), str(ptx)],
+                               capture_output=True, text=True)
+    assert assembled.returncode == 0, f"ptxas failed on {unit}:\n{assembled.stderr}"
+
+
+def test_sources_need_no_headers():
+    """CuPy compiles with NVRTC, which has no standard headers: the sources must include nothing."""
+    for unit in sources.UNITS:
+        assert "#include" not in sources.cuda_source(unit), unit
+
+
+def test_every_kernel_has_a_generated_entry_point_per_dtype():
+    for kernel in sources.KERNELS.values():
+        text = sources.cuda_source(kernel.unit)
+        assert f"__device__ void {kernel.name}(" in text, f"template {kernel.name} not found in {kernel.unit}"
+        for dtype in DTYPES:
+            assert f'extern "C" __global__ void {kernel.entry(dtype)}(' in text
+
+
+# --- the shim ------------------------------------------------------------------------------------------
+
+@pytest.fixture(params=[False, True], ids=["threads-forward", "threads-reversed"])
+def host(request):
+    """Kernel ops accept NumPy arrays inside this fixture (g++ builds of the CUDA sources)."""
+    if shim.compiler() is None:
+        pytest.skip("g++ not installed")
+    rt = shim.ShimRuntime(max_blocks=3, reverse=request.param)
+    with runtime.use_host_runtime(rt):
+        yield rt
+
+
+def framed_input(array, channels_last=True):
+    """``array`` as a kernel input: NaN around it in memory, channels-last if asked (4-D)."""
+    if channels_last and array.ndim == 4:
+        return shim.framed(np.ascontiguousarray(array.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+    return shim.framed(array)
+
+
+def assert_close(actual, expected, dtype, what):
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
+    assert np.isfinite(actual).all(), f"{what}: non-finite values (a read out of bounds?)"
+    scale = max(np.abs(expected).max(initial=0.0), 1e-30)
+    error = np.abs(actual - expected).max(initial=0.0) / scale
+    assert error < TOL[dtype], f"{what}: relative error {error:.2e} ({dtype})"
+
+
+CONV_CASES = [  # (N, C, H, W), kernel, stride, padding, dilation, groups
+    ((2, 3, 7, 9), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((1, 4, 5, 6), (3, 3), (2, 2), (1, 1), (1, 1), 2),
+    ((3, 5, 9, 7), (7, 7), (2, 2), (3, 3), (1, 1), 1),
+    ((2, 6, 8, 5), (1, 1), (2, 2), (0, 0), (1, 1), 1),
+    ((2, 6, 4, 4), (1, 1), (1, 1), (0, 0), (1, 1), 3),
+    ((1, 6, 9, 10), (2, 3), (2, 1), (1, 0), (2, 1), 3),
+    ((2, 33, 3, 3), (3, 3), (1, 1), (1, 1), (1, 1), 1),      # more channels than a warp
+    ((1, 2, 1, 1), (1, 1), (1, 1), (0, 0), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, kernel, stride, padding, dilation, groups", CONV_CASES)
+def test_im2col_and_col2im_kernels_equal_the_generic_ops(host, rng, dtype, shape, kernel, stride, padding, dilation,
+                                                         groups):
+    values = rng.standard_normal(shape).astype(dtype)
+    for channels_last in (True, False):
+        x = framed_input(values, channels_last)
+        cols, out_hw = conv.im2col(x, kernel, stride, padding, dilation, groups)
+        expected, expected_hw = F.im2col(values, kernel, stride, padding, dilation, groups)
+        assert out_hw == expected_hw
+        np.testing.assert_array_equal(cols, expected)
+    dcols = framed_input(rng.standard_normal(expected.shape).astype(dtype))
+    dx = conv.col2im(dcols, shape, kernel, stride, padding, dilation, out_hw, groups)
+    # Gather in the generic op's tap order: bit-identical, not merely close.
+    np.testing.assert_array_equal(dx, F.col2im(np.array(dcols), shape, kernel, stride, padding, dilation, out_hw,
+                                               groups))
+    assert dx.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, kernel, stride, padding, dilation, groups", CONV_CASES[:6])
+def test_conv2d_kernel_path_matches_generic(host, rng, dtype, shape, kernel, stride, padding, dilation, groups):
+    values = rng.standard_normal(shape).astype(dtype)
+    out_channels = 2 * groups
+    weight = rng.standard_normal((out_channels, shape[1] // groups, *kernel)).astype(dtype)
+    bias = rng.standard_normal(out_channels).astype(dtype)
+    y, cache = conv.conv2d_forward(framed_input(values), weight, bias, stride, padding, dilation, groups)
+    y_ref, cache_ref = F.conv2d_forward(values, weight, bias, stride, padding, dilation, groups)
+    assert_close(y, y_ref, dtype, "y")
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    for need_input_grad in (True, False):
+        got = conv.conv2d_backward(framed_input(dy, channels_last=False), cache, need_input_grad)
+        want = F.conv2d_backward(dy, cache_ref, need_input_grad)
+        for name, a, b in zip(("dx", "dweight", "dbias"), got, want):
+            if b is None:
+                assert a is None, name
+            else:
+                assert_close(a, b, dtype, name)
+
+
+def _bn_reference(x, weight, bias, eps, relu):
+    """BatchNorm in float64 straight from the definition (independent of numres)."""
+    x = x.astype(np.float64)
+    mean = x.mean(axis=(0, 2, 3))
+    var = x.var(axis=(0, 2, 3))
+    y = (x - mean[:, None, None]) / np.sqrt(var[:, None, None] + eps) * weight[:, None, None] + bias[:, None, None]
+    return (np.maximum(y, 0) if relu else y), mean, var
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (1, 40, 3, 1), (4, 3, 1, 1)])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_kernels_match_generic(host, rng, dtype, shape, relu, affine):
+    c = shape[1]
+    values = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    weight = rng.uniform(0.5, 2, c).astype(dtype) if affine else None
+    bias = rng.standard_normal(c).astype(dtype) if affine else None
+    stats = [rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)]
+    mine, ref = [s.copy() for s in stats], [s.copy() for s in stats]
+    y, cache = batchnorm.batchnorm_train_forward(framed_input(values), weight, bias, *mine, 0.1, 1e-5, relu)
+    y_ref, cache_ref = F.batchnorm_train_forward(values, weight, bias, *ref, 0.1, 1e-5, relu)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(mine[0], ref[0], dtype, "running_mean")
+    assert_close(mine[1], ref[1], dtype, "running_var")
+    assert y.transpose(0, 2, 3, 1).flags.c_contiguous
+    dy = rng.standard_normal(shape).astype(dtype)
+    got = batchnorm.batchnorm_backward(framed_input(dy, channels_last=False), cache)
+    want = F.batchnorm_backward(dy, cache_ref)
+    for name, a, b in zip(("dx", "dweight", "dbias"), got, want):
+        if b is None:
+            assert a is None, name
+        else:
+            assert_close(a, b, dtype, name)
+    # Evaluation mode, with the running statistics just updated.
+    y, cache = batchnorm.batchnorm_eval_forward(framed_input(values), weight, bias, *mine, 1e-5, relu)
+    y_ref, cache_ref = F.batchnorm_eval_forward(values, weight, bias, *ref, 1e-5, relu)
+    assert_close(y, y_ref, dtype, "eval y")
+    for name, a, b in zip(("eval dx", "eval dweight", "eval dbias"), batchnorm.batchnorm_backward(dy, cache),
+                          F.batchnorm_backward(dy, cache_ref)):
+        if b is not None:
+            assert_close(a, b, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batchnorm_statistics_survive_a_large_mean(host, rng, dtype):
+    """One-pass variance of data with mean 1e4 and std 1: shifted sums keep it accurate."""
+    shape = (4, 3, 5, 5)
+    values = (1e4 + rng.standard_normal(shape)).astype(dtype)
+    weight, bias = np.ones(3, dtype), np.zeros(3, dtype)
+    running = [np.zeros(3, dtype), np.ones(3, dtype)]
+    y, _ = batchnorm.batchnorm_train_forward(framed_input(values), weight, bias, *running, 1.0, 1e-5, False)
+    y_ref, mean, var = _bn_reference(values, weight, bias, 1e-5, relu=False)
+    count = values.size // 3
+    tolerance = {"float32": 1e-3, "float64": 1e-10}[dtype]      # float32 input carries ~1e-3 absolute noise
+    assert np.abs(y - y_ref).max() < tolerance
+    np.testing.assert_allclose(running[1], var * count / (count - 1), rtol=tolerance)
+
+
+def test_batchnorm_momentum_may_live_on_the_device(host, rng):
+    """PyTorch's momentum=None uses 1/num_batches_tracked, a device scalar: read in the kernel."""
+    values = rng.standard_normal((2, 4, 3, 3))
+    mine, ref = [np.zeros(4), np.ones(4)], [np.zeros(4), np.ones(4)]
+    batchnorm.batchnorm_train_forward(framed_input(values), None, None, *mine, np.asarray(1.0 / 3.0), 1e-5)
+    F.batchnorm_train_forward(values, None, None, *ref, 1.0 / 3.0, 1e-5)
+    np.testing.assert_allclose(mine[0], ref[0], rtol=1e-12)
+    np.testing.assert_allclose(mine[1], ref[1], rtol=1e-12)
+
+
+POOL_CASES = [  # shape, kernel, stride, padding, dilation, ceil_mode
+    ((2, 3, 7, 9), 3, 2, 1, 1, False),
+    ((1, 33, 6, 5), 2, 2, 0, 1, True),
+    ((2, 4, 9, 8), 3, 1, 1, 2, True),
+    ((1, 2, 5, 5), (3, 2), (2, 1), (1, 0), 1, False),
+    ((1, 1, 1, 1), 1, 1, 0, 1, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, kernel, stride, padding, dilation, ceil_mode", POOL_CASES)
+def test_maxpool_kernels_equal_the_generic_ops(host, rng, dtype, shape, kernel, stride, padding, dilation, ceil_mode):
+    for values in (rng.standard_normal(shape).astype(dtype),
+                   rng.integers(-2, 3, shape).astype(dtype)):        # many ties: the first maximum wins
+        y, cache = pooling.maxpool2d_forward(framed_input(values), kernel, stride, padding, dilation, ceil_mode)
+        y_ref, cache_ref = F.maxpool2d_forward(values, kernel, stride, padding, dilation, ceil_mode)
+        np.testing.assert_array_equal(y, y_ref)
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        dx = pooling.maxpool2d_backward(framed_input(dy, channels_last=False), cache)
+        np.testing.assert_array_equal(dx, F.maxpool2d_backward(dy, cache_ref))
+
+
+def test_maxpool_propagates_nan(host):
+    values = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    values[0, 0, 1, 1] = np.nan
+    y, _ = pooling.maxpool2d_forward(framed_input(values), 2, 2)
+    assert np.isnan(y[0, 0, 0, 0]) and not np.isnan(y[0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("rows, classes", [(5, 7), (1, 1000), (33, 2)])
+def test_cross_entropy_kernels_match_generic(host, rng, dtype, reduction, smoothing, rows, classes):
+    logits = (rng.standard_normal((rows, classes)) * 5).astype(dtype)
+    target = rng.integers(0, classes, rows)
+    value, cache = loss.cross_entropy_forward(framed_input(logits), target, reduction, smoothing)
+    value_ref, cache_ref = F.cross_entropy_forward(logits, target, reduction, smoothing)
+    assert_close(value, value_ref, dtype, "loss")
+    upstream = [1.0, 0.37, np.asarray(0.37, dtype=dtype)] if reduction != "none" else \
+        [rng.standard_normal(rows).astype(dtype)]
+    for dloss in upstream:
+        assert_close(loss.cross_entropy_backward(dloss, cache), F.cross_entropy_backward(dloss, cache_ref), dtype,
+                     "dlogits")
+
+
+def test_cross_entropy_kernel_marks_a_bad_target_with_nan(host, rng):
+    logits = rng.standard_normal((3, 4))
+    value, cache = loss.cross_entropy_forward(framed_input(logits), np.array([0, 4, 1]), "none")
+    assert np.isnan(value[1]) and np.isfinite(value[[0, 2]]).all()
+    dlogits = loss.cross_entropy_backward(np.ones(3), cache)
+    assert np.isnan(dlogits[1]).all() and np.isfinite(dlogits[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (3, 40), (7,)])
+def test_activation_kernels_equal_the_generic_ops(host, rng, dtype, shape):
+    a = rng.standard_normal(shape).astype(dtype)
+    b = rng.standard_normal(shape).astype(dtype)
+    a.reshape(-1)[:3] = [0.0, -0.0, np.nan]
+    y, _ = activation.relu_forward(framed_input(a))
+    np.testing.assert_array_equal(y, F.relu_forward(a)[0])
+    np.testing.assert_array_equal(activation.relu_backward(framed_input(b), y), F.relu_backward(b, y))
+    np.testing.assert_array_equal(activation.add_relu_forward(framed_input(a), framed_input(b)),
+                                  F.add_relu_forward(a.copy(), b))
+    np.testing.assert_array_equal(activation.add(framed_input(a), framed_input(b)), F.add(a, b))
+
+
+def test_launcher_rejects_mismatched_arguments(host):
+    x = np.zeros((2, 3), dtype=np.float32)
+    with pytest.raises(TypeError, match="argument y must have dtype float32, got float64"):
+        host.launch("relu_forward_rows", np.float32, 2, 3, (x, 2, 3, np.zeros((2, 3))))
+    with pytest.raises(TypeError, match="takes 4 arguments"):
+        host.launch("relu_forward_rows", np.float32, 2, 3, (x, 2, 3))
+    with pytest.raises(ValueError, match="does not fit a 32-bit int"):
+        host.launch("relu_forward_rows", np.float32, 2, 3, (x, 2**40, 3, x))
+
+
+def test_launch_shapes_cover_the_problem_and_respect_the_budget():
+    for rows, cols, budget in [(1, 1, 4), (401408, 64, 4224), (7, 1000, 3), (100, 3, 2), (1, 4608, 132)]:
+        grid, block = runtime.map_shape(rows, cols, budget)
+        assert block[0] * block[1] <= 256 and grid[0] * grid[1] <= max(budget, 1)
+        assert grid[0] >= 1 and grid[1] >= 1
+
+
+# --- whole models through the kernels -------------------------------------------------------------------
+
+def _train(builder, x, target):
+    nr.manual_seed(11)
+    model = builder(num_classes=10, dtype="float64")
+    crit = nr.nn.CrossEntropyLoss(label_smoothing=0.1, dtype="float64")
+    opt = nr.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    losses = []
+    for _ in range(2):
+        opt.zero_grad()
+        loss = crit(model(x), target)
+        model.backward(crit.backward())
+        opt.step()
+        losses.append(float(loss))
+    return np.array(losses), model
+
+
+def _bottleneck_resnet(**kwargs):
+    """ResNet-50's blocks, one per stage (1x1 reduce, strided 3x3, 1x1 expand, projection shortcut)."""
+    return nr.ResNet(nr.Bottleneck, [1, 1, 1, 1], **kwargs)
+
+
+@pytest.mark.parametrize("builder", [nr.resnet18, _bottleneck_resnet])
+def test_resnets_train_through_the_kernels_like_the_generic_path(builder, rng):
+    # 40x40 leaves 2x2 pixels in layer4, so its BatchNorms see 8 values per channel: with fewer,
+    # BN's gradient is ill-conditioned and two correct float64 paths drift apart by ~1e-8.
+    x = np.ascontiguousarray(rng.standard_normal((2, 40, 40, 3))).transpose(0, 3, 1, 2)
+    target = np.array([1, 9])
+    losses_ref, reference = _train(builder, x, target)
+    import numres.cuda as cuda
+    rt = shim.ShimRuntime(max_blocks=8)
+    with runtime.use_host_runtime(rt):
+        try:
+            cuda.register_kernels("numpy")
+            assert ops_for("numpy").conv2d_forward is conv.conv2d_forward
+            losses, model = _train(builder, x, target)
+        finally:
+            cuda.unregister_kernels("numpy")
+    assert ops_for("numpy").conv2d_forward is F.conv2d_forward
+    used = {entry.rsplit("_", 1)[0] for entry, _, _ in rt.launches}
+    assert {"im2col_nhwc", "col2im_nhwc", "bn_apply", "bn_backward_dx", "maxpool_forward_nhwc",
+            "maxpool_backward_nhwc", "softmax_xent_forward", "softmax_xent_backward"} <= used
+    np.testing.assert_allclose(losses, losses_ref, rtol=1e-11)
+    state = model.state_dict()
+    for name, value in reference.state_dict().items():
+        np.testing.assert_allclose(state[name], value, rtol=0, atol=1e-10 * np.abs(value).max(), err_msg=name)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        np.testing.assert_allclose(p.grad, q.grad, rtol=0, atol=1e-10 * np.abs(q.grad).max(), err_msg=name)
