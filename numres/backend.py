@@ -43,6 +43,8 @@ def _load_cupy():
             f"backend 'cupy': CuPy is installed but no usable GPU was found ({exc})") from exc
     if count == 0:
         raise BackendUnavailableError("backend 'cupy': CuPy is installed but no GPU is visible")
+    from .cuda import register_kernels      # numres's CUDA kernels for the ops that have one
+    register_kernels("cupy")
     return cupy
 
 
