@@ -36,7 +36,7 @@ DOC = os.path.join(HERE, "walkthrough.md")
 # The block: 16 -> 32 channels, width 8, stride 2, with the torchvision downsample (1x1 conv + BN).
 N, C_IN, SIZE, PLANES, STRIDE = 2, 16, 9, 8, 2
 SEED = 0
-FD_ENTRIES = 24          # entries per activation checked by finite differences through the block
+FD_ENTRIES = None        # entries per activation checked through the block (None: every entry)
 EPS = 1e-6
 
 STEPS = [                # (module name, what it computes)
@@ -98,7 +98,8 @@ def fd_through_block(block, x, upstream, name, analytic, rng):
     """Central differences of ``L = sum(block(x) * upstream)`` w.r.t. entries of module ``name``'s output."""
     module = dict(block.named_modules())[name]
     shape = analytic.shape
-    picks = rng.choice(analytic.size, size=min(FD_ENTRIES, analytic.size), replace=False)
+    picks = (np.arange(analytic.size) if FD_ENTRIES is None or FD_ENTRIES >= analytic.size
+             else rng.choice(analytic.size, size=FD_ENTRIES, replace=False))
     numeric, claimed = [], []
     for flat in picks:
         index = np.unravel_index(flat, shape)
@@ -190,16 +191,18 @@ def tables_from(result: dict, gradflow: dict | None, degradation: dict | None) -
     t["forward"] = "\n".join(["| step | operation | input shape | output shape | ‖output‖ |",
                               "|---|---|---|---|---:|"] + rows)
 
-    rows = [f"| upstream | dL/dy = r (random) | | {shape(f['y_shape'])} | {f['upstream_norm']:.4f} | |",
-            f"| join ReLU | mask: {100 * f['relu_open_fraction']:.0f}% of entries pass | {shape(f['y_shape'])} | "
-            f"{shape(f['y_shape'])} | {f['grad_sum_norm']:.4f} | |"]
+    rows = [f"| loss | `L = sum(y * r)`, r random | | | {f['upstream_norm']:.4f} | {shape(f['y_shape'])} | |",
+            f"| join ReLU | `dL/dz = r * (y > 0)`: {100 * f['relu_open_fraction']:.0f}% of entries pass | "
+            f"{f['upstream_norm']:.4f} | {shape(f['y_shape'])} | {f['grad_sum_norm']:.4f} | {shape(f['y_shape'])} | |"]
+    steps = dict(STEPS)
     for r in result["backward"]:
         weight = "" if r["weight_grad_norm"] is None else f"{r['weight_grad_norm']:.4f}"
-        rows.append(f"| `{r['step']}` | ‖dL/d out‖ = {r['grad_out_norm']:.4f} | {shape(r['out_shape'])} | "
-                    f"{shape(r['in_shape'])} | {r['grad_in_norm']:.4f} | {weight} |")
-    rows.append(f"| fork at x | main + shortcut | | {shape(f['x_shape'])} | {f['dx_norm']:.4f} | |")
-    t["backward"] = "\n".join(["| step (backward order) | gradient arriving | its shape | gradient leaving: shape "
-                               "| ‖dL/d input‖ | ‖dL/dW‖ |", "|---|---|---|---|---:|---:|"] + rows)
+        rows.append(f"| `{r['step']}` | {steps[r['step']]} | {r['grad_out_norm']:.4f} | {shape(r['out_shape'])} | "
+                    f"{r['grad_in_norm']:.4f} | {shape(r['in_shape'])} | {weight} |")
+    rows.append(f"| join at x | main + shortcut | | | {f['dx_norm']:.4f} | {shape(f['x_shape'])} | |")
+    t["backward"] = "\n".join(["| step (backward order) | operation | ‖dL/d output‖ (arriving) | shape "
+                               "| ‖dL/d input‖ (leaving) | shape | ‖dL/dW‖ |",
+                               "|---|---|---:|---|---:|---|---:|"] + rows)
 
     t["fork"] = "\n".join([
         "| quantity | value |", "|---|---:|",
