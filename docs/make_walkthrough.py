@@ -263,7 +263,7 @@ def fill(doc_text: str, tables: dict) -> str:
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
         if not pattern.search(doc_text):
             continue
-        doc_text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), doc_text)
+        doc_text = pattern.sub(lambda m, table=table: m.group(1) + table + "\n" + m.group(2), doc_text)
     return doc_text
 
 
