@@ -7,7 +7,7 @@ import torch
 
 import numres as nr
 import torch_reference as R
-from conftest import TOL, TORCH_DTYPE, assert_close, to_torch
+from conftest import TORCH_DTYPE, assert_close, to_torch
 
 VARIANTS = {
     "plain": dict(lr=0.1),
