@@ -49,6 +49,14 @@ def test_numpy_functions_and_host_operands_are_refused(g, call):
         call(g)
 
 
+def test_assigning_a_host_array_into_a_device_array_is_refused(g):
+    with pytest.raises(ValueError, match="host numpy.ndarray cannot be assigned"):
+        g[...] = np.zeros((3, 4))
+    g[0, 0] = np.float64(2.5)                    # NumPy scalars are fine, as in CuPy
+    g[1] = gx.asarray(np.ones(4))
+    np.testing.assert_array_equal(g.get()[1], np.ones(4))
+
+
 def test_data_dependent_shapes_need_allow_sync(g):
     mask = g > 0
     with pytest.raises(HostRoundTripError, match="data-dependent shape"):

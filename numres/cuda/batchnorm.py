@@ -62,9 +62,20 @@ def _apply(rt, x_rows, shape, mean, invstd, scale, bias, affine, relu, training)
     return _as_nchw(y, shape), cache
 
 
+MAX_LANES = 2048
+
+
+def _reduction_budget(rt, rows, channels):
+    """Block budget for the partial-sum kernels: about a quarter of the device's threads, split into
+    row lanes, but at most MAX_LANES lanes - the finalize kernels add the lanes one by one."""
+    (gx, _, _), (bx, by, _) = map_shape(rows, channels, rt.max_blocks)
+    target_lanes = max(1, min(MAX_LANES, rt.max_blocks * 64 // (gx * bx)))
+    return gx * max(1, target_lanes // by)
+
+
 def _lanes(rt, rows, channels):
-    """The number of row lanes the partial-sum kernels will use (their grid's y extent in threads)."""
-    grid, block = map_shape(rows, channels, rt.max_blocks)
+    """The number of row lanes the partial-sum kernels use (their grid's y extent in threads)."""
+    grid, block = map_shape(rows, channels, rt.budget(_reduction_budget(rt, rows, channels)))
     return grid[1] * block[1]
 
 
@@ -85,7 +96,8 @@ def batchnorm_train_forward(x, weight, bias, running_mean, running_var, momentum
     lanes = _lanes(rt, rows, channels)
     psum = xp.empty((lanes, channels), dtype="float64")
     psumsq = xp.empty((lanes, channels), dtype="float64")
-    grid, block = rt.launch("bn_partial_moments", x.dtype, rows, channels, (x_rows, rows, channels, psum, psumsq))
+    grid, block = rt.launch("bn_partial_moments", x.dtype, rows, channels, (x_rows, rows, channels, psum, psumsq),
+                            max_blocks=_reduction_budget(rt, rows, channels))
     assert grid[1] * block[1] == lanes
 
     mean, invstd, scale = (xp.empty(channels, dtype=x.dtype) for _ in range(3))
@@ -132,7 +144,7 @@ def batchnorm_backward(dy, cache):
     pgx = xp.empty((lanes, channels), dtype="float64")
     grid, block = rt.launch("bn_backward_partials", dy.dtype, rows, channels,
                             (dy_rows, cache.rows, rows, channels, cache.mean, cache.scale, cache.bias,
-                             int(cache.relu), pg, pgx))
+                             int(cache.relu), pg, pgx), max_blocks=_reduction_budget(rt, rows, channels))
     assert grid[1] * block[1] == lanes
     dweight, dbias, shift, slope = (xp.empty(channels, dtype=dy.dtype) for _ in range(4))
     rt.launch("bn_backward_finalize", dy.dtype, 1, channels,

@@ -68,17 +68,23 @@ class Runtime:
     xp = None
     max_blocks = 1
 
-    def launch(self, name: str, dtype, rows: int, cols: int, args: tuple):
-        """Run kernel ``name`` for ``dtype`` over a ``rows x cols`` map; returns nothing."""
+    def launch(self, name: str, dtype, rows: int, cols: int, args: tuple, max_blocks: int | None = None):
+        """Run kernel ``name`` for ``dtype`` over a ``rows x cols`` map; returns the ``(grid, block)`` used.
+
+        ``max_blocks`` lowers the block budget below the runtime's (never above it).
+        """
         kernel = sources.KERNELS[name]
         dtype = np.dtype(dtype)
         if len(args) != len(kernel.params):
             raise TypeError(f"{name} takes {len(kernel.params)} arguments, got {len(args)}")
         converted = [self._argument(kind, param, value, dtype, name) for (kind, param), value in
                      zip(kernel.params, args)]
-        grid, block = map_shape(rows, cols, self.max_blocks)
+        grid, block = map_shape(rows, cols, self.budget(max_blocks))
         self._run(kernel, dtype, grid, block, converted)
         return grid, block
+
+    def budget(self, max_blocks=None) -> int:
+        return self.max_blocks if max_blocks is None else max(1, min(self.max_blocks, int(max_blocks)))
 
     def _argument(self, kind, param, value, dtype, name):
         if kind.endswith("*"):

@@ -13,6 +13,7 @@ arrays wrap NumPy arrays but behave, at the boundary, like CuPy's:
 * ``float(g)``, ``int(g)``, ``bool(g)``, ``g.item()``, ``g.tolist()`` and
   ``"%f" % g`` raise :class:`HostRoundTripError`.  (CuPy allows them for size-1
   arrays, at the cost of a synchronisation; the guard is stricter on purpose.)
+* ``device[...] = host_array`` raises ``ValueError``, as CuPy's basic-index assignment does.
 * Boolean-mask indexing (``a[mask]``, ``a[mask] = v``), ``nonzero`` and the other
   operations whose output *shape* depends on the data raise
   :class:`HostRoundTripError`: CuPy must copy the count of ``True`` values to
@@ -277,6 +278,11 @@ class GuardedArray:
         return _wrap(self._array[_check_index(key)])
 
     def __setitem__(self, key, value):
+        if isinstance(value, np.ndarray) and value.ndim > 0:
+            # CuPy: a[...] = host_array takes the fill() path and raises
+            # "ValueError: non-scalar numpy.ndarray cannot be used for fill".
+            raise ValueError("a host numpy.ndarray cannot be assigned into a device array (CuPy raises "
+                             "ValueError here); convert it first with xp.asarray(...)")
         self._array[_check_index(key)] = value._array if isinstance(value, GuardedArray) else value
 
     # --- shape and copies ---------------------------------------------------------------------------

@@ -1,0 +1,340 @@
+"""GPU-only checks of the CuPy backend (skipped cleanly without CuPy or a CUDA GPU).
+
+Run them, with the rest of the suite over both backends, with ``scripts/gpu_check.sh``.
+
+* every numres CUDA kernel against the generic op it replaces, on the same device input
+  (random, odd sizes, float32 and float64): the generic code runs on CuPy too, so this isolates
+  the kernel;
+* every layer, on CuPy, against ``torch.nn`` on CUDA: outputs, input and parameter gradients,
+  BN buffers; float64 tight (1e-10), float32 loose (1e-4), TF32 off on both sides;
+* ResNet-50 forward/backward against the torchvision-structured reference on CUDA;
+* a training step makes no host round-trip (CuPy's own synchronisation detector) and reuses the
+  memory pool; the TF32 switch does what it says; a captured CUDA-graph step equals eager steps.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+import numres as nr
+
+cupy = pytest.importorskip("cupy")
+if not nr.backend.is_available("cupy"):
+    pytest.skip("CuPy is installed but no CUDA GPU is usable", allow_module_level=True)
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("PyTorch has no CUDA device here", allow_module_level=True)
+
+import numres.cuda as cuda                                            # noqa: E402
+import numres.functional as F                                         # noqa: E402
+import torch_reference as ref                                         # noqa: E402
+from numres.cuda import activation, batchnorm, conv, loss, pooling   # noqa: E402
+from test_cuda_sources import CONV_CASES, POOL_CASES                 # noqa: E402
+
+pytestmark = pytest.mark.gpu
+DTYPES = ["float32", "float64"]
+TOL = {"float64": 1e-10, "float32": 1e-4}
+KERNEL_TOL = {"float64": 1e-12, "float32": 2e-5}
+DEVICE = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def full_precision():
+    """TF32 off on both sides for every parity check (restored afterwards)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, cuda.tf32_enabled())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cuda.set_tf32(False)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+    cuda.set_tf32(saved[2])
+
+
+def on_gpu(array, channels_last=True):
+    array = np.asarray(array)
+    if channels_last and array.ndim == 4:
+        array = np.ascontiguousarray(array.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    return nr.backend.convert(array, "cupy")
+
+
+def host(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return nr.to_numpy(value)
+
+
+def assert_close(actual, expected, limit, what):
+    error = ref.rel_err(host(actual), host(expected))
+    assert error < limit, f"{what}: relative error {error:.2e} exceeds {limit:.0e}"
+
+
+# --- kernels against the generic ops, both on the GPU ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, kernel, stride, padding, dilation, groups", CONV_CASES)
+def test_conv_kernels_match_generic_on_gpu(rng, dtype, shape, kernel, stride, padding, dilation, groups):
+    x = on_gpu(rng.standard_normal(shape).astype(dtype))
+    cols, out_hw = conv.im2col(x, kernel, stride, padding, dilation, groups)
+    expected, _ = F.im2col(x, kernel, stride, padding, dilation, groups)
+    np.testing.assert_array_equal(host(cols), host(expected))
+    dcols = cupy.asarray(rng.standard_normal(expected.shape).astype(dtype))
+    np.testing.assert_array_equal(host(conv.col2im(dcols, shape, kernel, stride, padding, dilation, out_hw, groups)),
+                                  host(F.col2im(dcols, shape, kernel, stride, padding, dilation, out_hw, groups)))
+    weight = on_gpu(rng.standard_normal((2 * groups, shape[1] // groups, *kernel)).astype(dtype))
+    bias = cupy.asarray(rng.standard_normal(2 * groups).astype(dtype))
+    y, cache = conv.conv2d_forward(x, weight, bias, stride, padding, dilation, groups)
+    y_ref, cache_ref = F.conv2d_forward(x, weight, bias, stride, padding, dilation, groups)
+    assert_close(y, y_ref, KERNEL_TOL[dtype], "conv y")
+    dy = on_gpu(rng.standard_normal(y.shape).astype(dtype), channels_last=False)
+    for name, a, b in zip(("dx", "dw", "db"), conv.conv2d_backward(dy, cache), F.conv2d_backward(dy, cache_ref)):
+        assert_close(a, b, KERNEL_TOL[dtype], f"conv {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (1, 40, 3, 1), (8, 64, 17, 17), (3, 2048, 1, 1)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_batchnorm_kernels_match_generic_on_gpu(rng, dtype, shape, relu):
+    c = shape[1]
+    x = on_gpu((rng.standard_normal(shape) * 2 + 3).astype(dtype))
+    weight, bias = (cupy.asarray(v.astype(dtype)) for v in (rng.uniform(0.5, 2, c), rng.standard_normal(c)))
+    stats = [cupy.asarray(rng.standard_normal(c).astype(dtype)), cupy.asarray(rng.uniform(0.5, 2, c).astype(dtype))]
+    mine, theirs = [s.copy() for s in stats], [s.copy() for s in stats]
+    y, cache = batchnorm.batchnorm_train_forward(x, weight, bias, *mine, 0.1, 1e-5, relu)
+    y_ref, cache_ref = F.batchnorm_train_forward(x, weight, bias, *theirs, 0.1, 1e-5, relu)
+    limit = KERNEL_TOL[dtype] * 10
+    assert_close(y, y_ref, limit, "bn y")
+    assert_close(mine[0], theirs[0], limit, "running_mean")
+    assert_close(mine[1], theirs[1], limit, "running_var")
+    dy = on_gpu(rng.standard_normal(shape).astype(dtype))
+    for name, a, b in zip(("dx", "dw", "db"), batchnorm.batchnorm_backward(dy, cache),
+                          F.batchnorm_backward(dy, cache_ref)):
+        assert_close(a, b, limit, f"bn {name}")
+    y, cache = batchnorm.batchnorm_eval_forward(x, weight, bias, *mine, 1e-5, relu)
+    y_ref, _ = F.batchnorm_eval_forward(x, weight, bias, *theirs, 1e-5, relu)
+    assert_close(y, y_ref, limit, "bn eval y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, kernel, stride, padding, dilation, ceil_mode", POOL_CASES)
+def test_maxpool_kernels_match_generic_on_gpu(rng, dtype, shape, kernel, stride, padding, dilation, ceil_mode):
+    x = on_gpu(rng.integers(-3, 4, shape).astype(dtype))                   # ties: first maximum wins
+    y, cache = pooling.maxpool2d_forward(x, kernel, stride, padding, dilation, ceil_mode)
+    y_ref, cache_ref = F.maxpool2d_forward(x, kernel, stride, padding, dilation, ceil_mode)
+    np.testing.assert_array_equal(host(y), host(y_ref))
+    dy = on_gpu(rng.standard_normal(y.shape).astype(dtype))
+    np.testing.assert_array_equal(host(pooling.maxpool2d_backward(dy, cache)),
+                                  host(F.maxpool2d_backward(dy, cache_ref)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("rows, classes", [(5, 7), (128, 1000), (33, 2)])
+def test_cross_entropy_kernels_match_generic_on_gpu(rng, dtype, reduction, rows, classes):
+    logits = cupy.asarray((rng.standard_normal((rows, classes)) * 5).astype(dtype))
+    target = cupy.asarray(rng.integers(0, classes, rows))
+    value, cache = loss.cross_entropy_forward(logits, target, reduction, 0.1)
+    value_ref, cache_ref = F.cross_entropy_forward(logits, target, reduction, 0.1)
+    assert_close(value, value_ref, KERNEL_TOL[dtype], "loss")
+    dloss = cupy.asarray(rng.standard_normal(rows).astype(dtype)) if reduction == "none" else cupy.asarray(
+        0.7, dtype=dtype)
+    assert_close(loss.cross_entropy_backward(dloss, cache), F.cross_entropy_backward(dloss, cache_ref),
+                 KERNEL_TOL[dtype], "dlogits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_kernels_match_generic_on_gpu(rng, dtype):
+    a, b = (on_gpu(rng.standard_normal((3, 33, 5, 7)).astype(dtype)) for _ in range(2))
+    y, _ = activation.relu_forward(a)
+    np.testing.assert_array_equal(host(y), host(F.relu_forward(a)[0]))
+    np.testing.assert_array_equal(host(activation.relu_backward(b, y)), host(F.relu_backward(b, y)))
+    np.testing.assert_array_equal(host(activation.add_relu_forward(a, b)), host(F.add_relu_forward(a.copy(), b)))
+    np.testing.assert_array_equal(host(activation.add(a, b)), host(F.add(a, b)))
+
+
+def test_the_cupy_backend_uses_the_kernels():
+    if os.environ.get("NUMRES_CUDA_KERNELS", "1") == "0":
+        pytest.skip("kernels switched off with NUMRES_CUDA_KERNELS=0")
+    ops = nr.functional.ops_for("cupy")
+    for name, function in cuda.kernel_functions().items():
+        assert getattr(ops, name) is function, name
+
+
+# --- layers against torch on CUDA ---------------------------------------------------------------------
+
+LAYERS = [
+    ("conv 3x3 s2", lambda **w: nr.nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False, **w),
+     lambda: torch.nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False), (2, 6, 9, 11), {}),
+    ("conv grouped dilated biased", lambda **w: nr.nn.Conv2d(6, 9, 3, padding=2, dilation=2, groups=3, **w),
+     lambda: torch.nn.Conv2d(6, 9, 3, padding=2, dilation=2, groups=3), (3, 6, 7, 5), {}),
+    ("conv 7x7 stem", lambda **w: nr.nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False, **w),
+     lambda: torch.nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False), (2, 3, 33, 31), {}),
+    ("conv 1x1", lambda **w: nr.nn.Conv2d(16, 8, 1, bias=False, **w),
+     lambda: torch.nn.Conv2d(16, 8, 1, bias=False), (2, 16, 5, 5), {}),
+    ("batchnorm", lambda **w: nr.nn.BatchNorm2d(7, **w), lambda: torch.nn.BatchNorm2d(7), (3, 7, 5, 9), {}),
+    ("batchnorm+relu", lambda **w: nr.nn.BatchNorm2d(7, **w),
+     lambda: torch.nn.Sequential(torch.nn.BatchNorm2d(7), torch.nn.ReLU()), (3, 7, 5, 9), {"relu": True}),
+    ("relu", lambda **w: nr.nn.ReLU(**w), lambda: torch.nn.ReLU(), (2, 5, 4, 3), {}),
+    ("maxpool", lambda **w: nr.nn.MaxPool2d(3, stride=2, padding=1, **w),
+     lambda: torch.nn.MaxPool2d(3, stride=2, padding=1), (2, 4, 9, 8), {}),
+    ("maxpool ceil dilated", lambda **w: nr.nn.MaxPool2d(2, stride=2, dilation=2, ceil_mode=True, **w),
+     lambda: torch.nn.MaxPool2d(2, stride=2, dilation=2, ceil_mode=True), (1, 3, 9, 7), {}),
+    ("avgpool", lambda **w: nr.nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False, **w),
+     lambda: torch.nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (2, 4, 9, 8), {}),
+    ("adaptive avgpool", lambda **w: nr.nn.AdaptiveAvgPool2d((2, 3), **w),
+     lambda: torch.nn.AdaptiveAvgPool2d((2, 3)), (2, 5, 7, 8), {}),
+    ("linear", lambda **w: nr.nn.Linear(12, 5, **w), lambda: torch.nn.Linear(12, 5), (4, 12), {}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name, make_nr, make_torch, shape, kwargs", LAYERS, ids=[case[0] for case in LAYERS])
+def test_layer_on_cupy_matches_torch_cuda(rng, dtype, name, make_nr, make_torch, shape, kwargs):
+    torch_dtype = getattr(torch, dtype)
+    layer_t = make_torch().to(DEVICE, torch_dtype)
+    layer = make_nr(backend="cupy", dtype=dtype)
+    state = {k: v.detach().cpu().numpy() for k, v in layer_t.state_dict().items()}
+    layer.load_state_dict({k.split(".", 1)[-1] if k.startswith("0.") else k: v for k, v in state.items()})
+    x = rng.standard_normal(shape)
+    x_t = torch.tensor(x, dtype=torch_dtype, device=DEVICE, requires_grad=True)
+    y_t = layer_t(x_t)
+    dy = rng.standard_normal(tuple(y_t.shape))
+    y_t.backward(torch.tensor(dy, dtype=torch_dtype, device=DEVICE))
+    y = layer(on_gpu(x.astype(dtype)), **kwargs)
+    dx = layer.backward(on_gpu(dy.astype(dtype)))
+    assert_close(y, y_t, TOL[dtype], f"{name} output")
+    assert_close(dx, x_t.grad, TOL[dtype], f"{name} input gradient")
+    torch_params = {k.split(".", 1)[-1] if k.startswith("0.") else k: p for k, p in layer_t.named_parameters()}
+    for pname, p in layer.named_parameters():
+        assert_close(p.grad, torch_params[pname].grad, TOL[dtype], f"{name} grad {pname}")
+    torch_buffers = {k.split(".", 1)[-1] if k.startswith("0.") else k: b for k, b in layer_t.named_buffers()}
+    for bname, b in layer.named_buffers():
+        if np.issubdtype(b.dtype, np.floating):
+            assert_close(b, torch_buffers[bname], TOL[dtype], f"{name} buffer {bname}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_on_cupy_matches_torch_cuda(rng, dtype, smoothing):
+    torch_dtype = getattr(torch, dtype)
+    logits = rng.standard_normal((16, 1000)) * 4
+    target = rng.integers(0, 1000, 16)
+    z_t = torch.tensor(logits, dtype=torch_dtype, device=DEVICE, requires_grad=True)
+    loss_t = torch.nn.functional.cross_entropy(z_t, torch.tensor(target, device=DEVICE), label_smoothing=smoothing)
+    loss_t.backward()
+    crit = nr.nn.CrossEntropyLoss(label_smoothing=smoothing, backend="cupy", dtype=dtype)
+    value = crit(cupy.asarray(logits.astype(dtype)), cupy.asarray(target))
+    assert_close(value, loss_t, TOL[dtype], "loss")
+    assert_close(crit.backward(), z_t.grad, TOL[dtype], "dlogits")
+
+
+@pytest.mark.parametrize("dtype, size", [("float64", 64), ("float32", 96)])
+def test_resnet50_on_cupy_matches_torch_cuda(rng, dtype, size):
+    nr.manual_seed(0)
+    model = nr.resnet50(num_classes=20, dtype=dtype)
+    ref.randomize_batchnorms(model)                  # assigns host arrays: done on NumPy, then moved
+    model.to("cupy")
+    torch_model = ref.build("resnet50", num_classes=20).to(getattr(torch, dtype))
+    ref.load_numres_state(torch_model, model)
+    torch_model.to(DEVICE)
+    x = rng.standard_normal((4, 3, size, size))
+    upstream = rng.standard_normal((4, 20))
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        torch_model.train(mode == "train")
+        result = ref.numres_pass(model, np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+                                 upstream)
+        torch_model.zero_grad()
+        x_t = torch.tensor(x, dtype=getattr(torch, dtype), device=DEVICE, requires_grad=True)
+        logits = torch_model(x_t)
+        logits.backward(torch.tensor(upstream, dtype=getattr(torch, dtype), device=DEVICE))
+        reference = {"logits": host(logits), "input_grad": host(x_t.grad),
+                     "param_grads": {k: host(p.grad) for k, p in torch_model.named_parameters()},
+                     "buffers": {k: host(b).copy() for k, b in torch_model.named_buffers()}}
+        errors = ref.compare_passes(result, reference)
+        worst = max(errors, key=errors.get)
+        limit = TOL[dtype] * (10 if dtype == "float32" else 1)       # float32: 53 layers of rounding
+        assert errors[worst] < limit, f"{mode}: worst {worst} {errors[worst]:.2e}"
+
+
+# --- the training step on the device -------------------------------------------------------------------
+
+def _step_parts(dtype="float32", batch=8, size=64):
+    nr.manual_seed(1)
+    model = nr.resnet50(num_classes=10, backend="cupy", dtype=dtype)
+    crit = nr.nn.CrossEntropyLoss(label_smoothing=0.1, backend="cupy", dtype=dtype)
+    opt = nr.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    rng = np.random.default_rng(0)
+    x = on_gpu(rng.standard_normal((batch, 3, size, size)).astype(dtype))
+    target = cupy.asarray(rng.integers(0, 10, batch))
+    return model, crit, opt, x, target
+
+
+def _step(model, crit, opt, x, target):
+    opt.zero_grad()
+    loss_value = crit(model(x), target)
+    model.backward(crit.backward())
+    opt.step()
+    return loss_value
+
+
+def test_a_training_step_never_synchronises_with_the_host():
+    import cupyx
+    if not hasattr(cupyx, "allow_synchronize"):
+        pytest.skip("this CuPy has no cupyx.allow_synchronize")
+    parts = _step_parts()
+    _step(*parts)                                       # compile kernels, warm the pool
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # the detector is deprecated (CuPy >= 10) but works
+        with cupyx.allow_synchronize(False):
+            _step(*parts)
+
+
+def test_the_memory_pool_is_reused_across_steps():
+    parts = _step_parts()
+    pool = cupy.get_default_memory_pool()
+    for _ in range(2):
+        _step(*parts)
+    cupy.cuda.Device().synchronize()
+    held = pool.total_bytes()
+    for _ in range(3):
+        _step(*parts)
+    cupy.cuda.Device().synchronize()
+    assert pool.total_bytes() <= held, "later steps allocated new device memory instead of reusing the pool"
+
+
+def test_tf32_switch_changes_float32_gemms_only_when_on():
+    if cupy.cuda.Device().compute_capability < "80":
+        pytest.skip("TF32 needs compute capability 8.0 or newer")
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((512, 512)), rng.standard_normal((512, 512))
+    exact = a @ b
+    a32, b32 = cupy.asarray(a, dtype="float32"), cupy.asarray(b, dtype="float32")
+    errors = {}
+    for enabled in (False, True):
+        cuda.set_tf32(enabled)
+        assert cuda.tf32_enabled() is enabled
+        errors[enabled] = np.abs(host(a32 @ b32) - exact).max() / np.abs(exact).max()
+        # The batched (3-D) path follows the cuBLAS handle's math mode.
+        errors[(enabled, "batched")] = np.abs(host(cupy.matmul(a32[None], b32[None]))[0] - exact).max() / np.abs(
+            exact).max()
+    cuda.set_tf32(False)
+    assert errors[False] < 1e-5 and errors[(False, "batched")] < 1e-5
+    assert errors[True] > 1e-4 and errors[(True, "batched")] > 1e-4
+
+
+def test_cuda_graph_step_equals_eager_steps():
+    from numres.cuda import graph
+    eager = _step_parts()
+    captured = _step_parts()
+    for parts in (eager, captured):
+        _step(*parts)                                   # a warm-up step: kernels compiled, momentum buffers made
+    step = graph.CapturedTrainStep(*captured[:3], captured[3], captured[4])
+    for _ in range(3):
+        loss_eager = _step(*eager)
+        loss_graph = step(captured[3], captured[4])
+        assert_close(loss_graph, loss_eager, 1e-4, "loss")
+    for (name, p), (_, q) in zip(captured[0].named_parameters(), eager[0].named_parameters()):
+        assert_close(p.data, q.data, 1e-4, f"parameter {name}")
