@@ -8,7 +8,8 @@ perturbed both ways::
     dL/dv  ~=  (L(v + h) - L(v - h)) / (2h)          (central difference, error O(h^2))
 
 and compared with the analytic value.  The error reported per tensor is
-``max |analytic - numeric| / max |numeric|`` over the checked entries.  The check
+``max |analytic - numeric| / max(|numeric|, |analytic|)`` over the checked entries
+(the absolute error when both are below 1e-8, i.e. the gradient is zero).  The check
 runs in float64 on a deep copy of the module, so the caller's module (its
 parameters, buffers and gradients) is never changed.
 """
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backend as B
+
+ZERO_SCALE = 1e-8
 
 
 @dataclass
@@ -95,7 +98,9 @@ def gradcheck(module, x, *, eps=1e-6, max_entries=None, params=True, seed=0, for
             numeric.append((plus - minus) / (2 * eps))
             claimed.append(grad[index])
         numeric, claimed = np.array(numeric), np.array(claimed)
-        scale = max(np.abs(numeric).max(initial=0.0), np.finfo(np.float64).tiny)
+        # A gradient that is truly zero (a conv bias before a training-mode BatchNorm) has no scale
+        # to be relative to: below ZERO_SCALE the absolute error is reported instead.
+        scale = max(np.abs(numeric).max(initial=0.0), np.abs(claimed).max(initial=0.0), ZERO_SCALE)
         result.errors[name] = float(np.abs(claimed - numeric).max(initial=0.0) / scale)
         result.checked[name] = len(flat_positions)
     return result
