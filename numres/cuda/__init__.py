@@ -28,6 +28,7 @@ off on both sides (or tolerances near 1e-3); float64 is never affected.
 from __future__ import annotations
 
 import os
+import warnings
 
 __all__ = ["register_kernels", "set_tf32", "tf32_enabled", "OPS"]
 
@@ -65,7 +66,11 @@ def register_kernels(backend: str = "cupy") -> list:
     for name, function in kernel_functions().items():
         register_kernel(backend, name, function)
     if backend == "cupy":
-        set_tf32(os.environ.get("NUMRES_TF32", "0") == "1")
+        try:
+            set_tf32(os.environ.get("NUMRES_TF32", "0") == "1")
+        except Exception as exc:        # a CuPy without these internals must not make the backend unusable
+            warnings.warn(f"numres could not set the TF32 mode of CuPy's GEMMs ({type(exc).__name__}: {exc}); "
+                          f"CuPy's own setting (CUPY_TF32) applies", RuntimeWarning, stacklevel=2)
     return list(OPS)
 
 
@@ -91,7 +96,8 @@ def set_tf32(enabled: bool) -> None:
     from cupy_backends.cuda.libs import cublas
 
     enabled = bool(enabled)
-    linalg.set_compute_type(numpy.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
+    tf32, default = getattr(linalg, "COMPUTE_TYPE_TF32", 7), getattr(linalg, "COMPUTE_TYPE_DEFAULT", 1)
+    linalg.set_compute_type(numpy.float32, tf32 if enabled else default)
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setMathMode(handle, _CUBLAS_TF32_TENSOR_OP_MATH if enabled else _CUBLAS_DEFAULT_MATH)
     _tf32 = enabled
