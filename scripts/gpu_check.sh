@@ -27,6 +27,10 @@ log=benchmarks/results/gpu_check_${card}
 
 echo "== $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader); installing .[test,$extra]"
 python3 -m pip install -q -e ".[test,bench,$extra]" || { echo "pip install failed" >&2; exit 1; }
+# CuPy 14 wheels load cuBLAS/NVRTC from a CUDA toolkit; [ctk] brings them from PyPI where none is installed.
+if ! ls /usr/local/cuda/lib64/libcublas.so* >/dev/null 2>&1; then
+    python3 -m pip install -q "cupy-cuda${cuda_major}x[ctk]" || { echo "pip install of CUDA components failed" >&2; exit 1; }
+fi
 python3 -c "import cupy, torch; print('cupy', cupy.__version__, '| torch', torch.__version__, \
 '| torch sees CUDA:', torch.cuda.is_available())"
 
