@@ -250,7 +250,7 @@ def tables_from(result: dict, gradflow: dict | None, degradation: dict | None) -
         b = degradation["budget"]
         t["degradation"] = "\n".join([
             f"Budget for every net: {b['epochs']} epochs, batch {b['batch_size']}, SGD lr {b['lr']} "
-            f"(/10 at 50% and 75%), momentum {b['momentum']}, weight decay {b['weight_decay']}, "
+            f"after {b['warmup_epochs']} warm-up epochs at lr/10 (/10 at 50% and 75%), momentum {b['momentum']}, weight decay {b['weight_decay']}, "
             f"{'1-pixel random shifts' if b['augment'] else 'no augmentation'}, seed {b['seed']}; "
             f"{degradation['total_seconds'] / 60:.1f} min of training in all.", "",
             "| net | train error, last 3 epochs (%) | test error, last 3 epochs (%) | best train error (%) "
