@@ -617,7 +617,9 @@ def add_arguments(parser):
     defaults = Budget()
     degrade.add_argument("--depths", type=int, nargs="+", default=[20, 56], choices=DEPTHS,
                          help="depths to compare (default: 20 56)")
-    degrade.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default: {defaults.epochs}")
+    degrade.add_argument("--epochs", type=int, default=defaults.epochs,
+                         help=f"default: {defaults.epochs} (for depths 20 and 56: about 4 minutes of training "
+                              f"measured on 2 CPU cores)")
     degrade.add_argument("--batch-size", type=int, default=defaults.batch_size,
                          help=f"default: {defaults.batch_size}")
     degrade.add_argument("--lr", type=float, default=defaults.lr,
