@@ -230,33 +230,66 @@ def test_cross_entropy_on_cupy_matches_torch_cuda(rng, dtype, smoothing):
     assert_close(crit.backward(), z_t.grad, TOL[dtype], "dlogits")
 
 
-@pytest.mark.parametrize("dtype, size", [("float64", 64), ("float32", 96)])
-def test_resnet50_on_cupy_matches_torch_cuda(rng, dtype, size):
+def _resnet50_pair(dtype, torch_dtype=None):
+    """numres ResNet-50 on CuPy and the torchvision-structured reference on CUDA, holding equal values."""
     nr.manual_seed(0)
     model = nr.resnet50(num_classes=20, dtype=dtype)
     ref.randomize_batchnorms(model)                  # assigns host arrays: done on NumPy, then moved
-    model.to("cupy")
-    torch_model = ref.build("resnet50", num_classes=20).to(getattr(torch, dtype))
-    ref.load_numres_state(torch_model, model)
-    torch_model.to(DEVICE)
-    x = rng.standard_normal((4, 3, size, size))
-    upstream = rng.standard_normal((4, 20))
-    for mode in ("train", "eval"):
-        model.train(mode == "train")
-        torch_model.train(mode == "train")
-        result = ref.numres_pass(model, np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
-                                 upstream)
-        torch_model.zero_grad()
-        x_t = torch.tensor(x, dtype=getattr(torch, dtype), device=DEVICE, requires_grad=True)
-        logits = torch_model(x_t)
-        logits.backward(torch.tensor(upstream, dtype=getattr(torch, dtype), device=DEVICE))
-        reference = {"logits": host(logits), "input_grad": host(x_t.grad),
-                     "param_grads": {k: host(p.grad) for k, p in torch_model.named_parameters()},
-                     "buffers": {k: host(b).copy() for k, b in torch_model.named_buffers()}}
-        errors = ref.compare_passes(result, reference)
-        worst = max(errors, key=errors.get)
-        limit = TOL[dtype] * (10 if dtype == "float32" else 1)       # float32: 53 layers of rounding
-        assert errors[worst] < limit, f"{mode}: worst {worst} {errors[worst]:.2e}"
+    reference = ref.build("resnet50", num_classes=20).to(getattr(torch, torch_dtype or dtype))
+    ref.load_numres_state(reference, model)
+    return model.to("cupy"), reference.to(DEVICE)
+
+
+def _torch_cuda_pass(torch_model, x, upstream):
+    """ref.torch_pass on the GPU: one forward/backward, every result as a host array."""
+    dtype = next(torch_model.parameters()).dtype
+    torch_model.zero_grad()
+    x_t = torch.tensor(x, dtype=dtype, device=DEVICE, requires_grad=True)
+    logits = torch_model(x_t)
+    logits.backward(torch.tensor(upstream, dtype=dtype, device=DEVICE))
+    return {"logits": host(logits), "input_grad": host(x_t.grad),
+            "param_grads": {k: host(p.grad) for k, p in torch_model.named_parameters()},
+            "buffers": {k: host(b).copy() for k, b in torch_model.named_buffers()}}
+
+
+def _resnet50_batch(dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 64, 64)).astype(dtype)
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2), rng.standard_normal((2, 20))
+
+
+@pytest.mark.parametrize("mode, dtype", [("train", "float64"), ("eval", "float64"), ("eval", "float32")])
+def test_resnet50_on_cupy_matches_torch_cuda(mode, dtype):
+    """Logits, dL/dx, every parameter gradient and BN buffer; float64 to 1e-10, float32 eval to 1e-4."""
+    model, reference = _resnet50_pair(dtype)
+    model.train(mode == "train")
+    reference.train(mode == "train")
+    x, upstream = _resnet50_batch(dtype)
+    errors = ref.compare_passes(ref.numres_pass(model, x, upstream), _torch_cuda_pass(reference, x, upstream))
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < TOL[dtype], f"{mode}/{dtype}: worst {worst} {errors[worst]:.2e}"
+
+
+def test_resnet50_float32_train_on_cupy_as_accurate_as_torch_cuda():
+    """Train-mode float32 ResNet-50 gradients are ill-conditioned at this size (ReLU/max-pool decisions
+    flip within float32 rounding; see tests/test_resnet.py), so numres-cupy float32 and torch-CUDA
+    float32 are both measured against torch-CUDA float64 and must err alike."""
+    x, upstream = _resnet50_batch("float32")
+    model32, torch32 = _resnet50_pair("float32")
+    _, truth = _resnet50_pair("float32", torch_dtype="float64")
+    for module in (model32, torch32, truth):
+        module.train()
+    reference = _torch_cuda_pass(truth, x, upstream)
+    ours = ref.compare_passes(ref.numres_pass(model32, x, upstream), reference)
+    theirs = ref.compare_passes(_torch_cuda_pass(torch32, x, upstream), reference)
+    assert ours["logits"] < 2 * theirs["logits"] + 1e-5
+    assert ours["input gradient"] < 5 * theirs["input gradient"] + 1e-4
+    grads = [k for k in ours if k.startswith("grad ")]
+    ours_g, theirs_g = np.array([ours[k] for k in grads]), np.array([theirs[k] for k in grads])
+    assert np.median(ours_g) <= 5 * np.median(theirs_g) + 1e-5
+    assert ours_g.max() <= 5 * theirs_g.max() + 1e-4
+    buffers = [k for k in ours if k.startswith("buffer ")]
+    assert max(ours[k] for k in buffers) < 5 * max(theirs[k] for k in buffers) + 1e-5
 
 
 # --- the training step on the device -------------------------------------------------------------------
