@@ -49,13 +49,14 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
-def tiles(rows: int, row_elements: int, tile_elements: int = TILE_ELEMENTS) -> list[slice]:
+def tiles(rows: int, row_elements: int, tile_elements: int | None = None) -> list[slice]:
     """Consecutive row slices covering ``range(rows)``, each about ``tile_elements`` elements."""
+    tile_elements = tile_elements or TILE_ELEMENTS
     tile_rows = max(1, tile_elements // max(1, row_elements))
     return [slice(start, min(start + tile_rows, rows)) for start in range(0, rows, tile_rows)]
 
 
-def map_tiles(function, rows: int, row_elements: int, xp=np, tile_elements: int = TILE_ELEMENTS) -> list:
+def map_tiles(function, rows: int, row_elements: int, xp=np, tile_elements: int | None = None) -> list:
     """``[function(tile) for tile in tiles(...)]``, run on the thread pool for NumPy arrays.
 
     ``function`` receives a ``slice`` of rows and must only write rows inside it.

@@ -19,24 +19,43 @@ Backward, with ``g = dy * [y > 0]`` when the ReLU is fused (else ``g = dy``)::
 
 Implementation.  The channel axis is made the last one, so the data is an
 ``(m, C)`` matrix of rows (free for channels-last input).  Rows are processed in
-cache-sized tiles on all cores (:mod:`numres.parallel`).  The cache keeps the
-input ``x`` and the per-channel statistics only: backward recomputes ``xhat``
-and the ReLU mask tile by tile, in cache, which costs less than storing them.
-The statistics are combined per tile with Chan et al.'s pairwise formula::
+cache-sized tiles on all cores (:mod:`numres.parallel`), and each per-channel
+vector is laid out once as a whole tile of rows (:func:`channel_tile`), so every
+operation inside a tile is a flat, SIMD-friendly loop instead of a broadcast.
+The cache keeps the input ``x`` (and, with the ReLU, the output ``y``, which the
+next convolution keeps anyway); backward recomputes ``xhat`` tile by tile, in
+cache, which costs less than storing it.  The variance is summed around a shift
+``k`` close to the mean (the mean of the first tile), which avoids cancellation::
 
-    mean = sum_t n_t mean_t / m        M2 = sum_t [M2_t + n_t (mean_t - mean)^2]
+    var = sum((x - k)^2) / m - (mean - k)^2
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from ..backend import xp_of
-from ..parallel import map_tiles
+from ..parallel import map_tiles, tiles
 from .layout import channel_rows, rows_as_nchw
+
+
+def channel_tile(vector, rows):
+    """A per-channel ``vector`` repeated over one tile of ``rows`` rows (NumPy), so tile operations
+    need no broadcasting; other backends take the vector itself and broadcast on the device."""
+    if xp_of(vector) is not np:
+        return vector
+    return np.ascontiguousarray(np.broadcast_to(vector, (rows, vector.shape[0])))
+
+
+def fit(constant, tile_rows):
+    """The first ``tile_rows`` rows of a :func:`channel_tile` (the last tile may be shorter)."""
+    return constant[:tile_rows] if constant.ndim == 2 else constant
 
 
 class BatchNormCache(NamedTuple):
     rows: object       # the input as an (m, C) matrix
+    y_rows: object     # the output rows (kept only with the fused ReLU, for its mask)
     shape: tuple       # the input's (N, C, H, W)
     mean: object       # statistics used for normalising (batch or running), (C,)
     invstd: object     # 1 / sqrt(var + eps), (C,)
@@ -47,21 +66,26 @@ class BatchNormCache(NamedTuple):
     training: bool
 
 
+def _tile_rows(rows):
+    return tiles(rows.shape[0], rows.shape[1])[0].stop
+
+
 def _moments(rows):
-    """Per-channel ``(mean, biased variance)`` of an (m, C) matrix, tile by tile."""
+    """Per-channel ``(mean, biased variance)`` of an (m, C) matrix, tile by tile, summed around a shift."""
     xp = xp_of(rows)
-    count, channels = rows.shape
+    count = rows.shape[0]
+    tile_rows = _tile_rows(rows)
+    shift = rows[:tile_rows].mean(axis=0)
+    shift_tile = channel_tile(shift, tile_rows)
 
-    def tile_moments(tile):
-        block = rows[tile]
-        tile_mean = block.mean(axis=0)
-        centred = block - tile_mean
-        return block.shape[0], tile_mean, (centred * centred).sum(axis=0)
+    def tile_sums(tile):
+        deviation = rows[tile] - fit(shift_tile, tile.stop - tile.start)
+        return deviation.sum(axis=0), (deviation * deviation).sum(axis=0)
 
-    parts = map_tiles(tile_moments, count, channels, xp)
-    mean = sum(n * tile_mean for n, tile_mean, _ in parts) / count
-    m2 = sum(tile_m2 + n * (tile_mean - mean) ** 2 for n, tile_mean, tile_m2 in parts)
-    return mean, m2 / count
+    parts = map_tiles(tile_sums, count, rows.shape[1], xp)
+    mean_deviation = sum(part[0] for part in parts) / count
+    var = sum(part[1] for part in parts) / count - mean_deviation * mean_deviation
+    return shift + mean_deviation, xp.maximum(var, 0)
 
 
 def _normalise(rows, shape, mean, var, weight, bias, eps, relu, training):
@@ -73,19 +97,21 @@ def _normalise(rows, shape, mean, var, weight, bias, eps, relu, training):
         bias = xp.zeros(rows.shape[1], dtype=rows.dtype)
     invstd = (1.0 / xp.sqrt(var + eps)).astype(rows.dtype)
     mean = mean.astype(rows.dtype)
-    scale = invstd * weight
+    tile_rows = _tile_rows(rows)
+    mean_tile, scale_tile, bias_tile = (channel_tile(v, tile_rows) for v in (mean, invstd * weight, bias))
     y = xp.empty_like(rows)
 
     def tile_normalise(tile):
-        out = y[tile]
-        xp.subtract(rows[tile], mean, out=out)
-        out *= scale
-        out += bias
+        n, out = tile.stop - tile.start, y[tile]
+        xp.subtract(rows[tile], fit(mean_tile, n), out=out)
+        out *= fit(scale_tile, n)
+        out += fit(bias_tile, n)
         if relu:
             xp.maximum(out, 0, out=out)
 
     map_tiles(tile_normalise, rows.shape[0], rows.shape[1], xp)
-    cache = BatchNormCache(rows, tuple(shape), mean, invstd, weight, bias, affine, relu, training)
+    cache = BatchNormCache(rows, y if relu else None, tuple(shape), mean, invstd, weight, bias, affine, relu,
+                           training)
     return rows_as_nchw(y, shape), cache
 
 
@@ -116,47 +142,52 @@ def batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps=1e-5,
                       training=False)
 
 
-def _tile_terms(cache, dy_rows, tile):
-    """``(g, xhat)`` for one tile: the gradient after the ReLU mask, and the normalised input."""
-    centred = cache.rows[tile] - cache.mean
-    g = dy_rows[tile]
-    if cache.relu:
-        # y > 0  <=>  (x - mean) * scale + bias > 0, evaluated exactly as forward did.
-        g = g * (centred * (cache.invstd * cache.weight) + cache.bias > 0)
-    centred *= cache.invstd
-    return g, centred
-
-
 def batchnorm_backward(dy, cache: BatchNormCache):
     """``(dx, dweight, dbias)``; the parameter gradients are None when the layer has no affine part."""
     xp = xp_of(dy)
     count, channels = cache.rows.shape
     dy_rows = channel_rows(dy)
+    tile_rows = _tile_rows(cache.rows)
+    mean_tile, invstd_tile = channel_tile(cache.mean, tile_rows), channel_tile(cache.invstd, tile_rows)
+
+    def terms(tile):
+        """``(g, xhat)`` for one tile: the gradient after the ReLU mask, and the normalised input."""
+        n = tile.stop - tile.start
+        if cache.relu:
+            g = xp.multiply(dy_rows[tile], cache.y_rows[tile] > 0)
+        else:
+            g = dy_rows[tile]
+        xhat = cache.rows[tile] - fit(mean_tile, n)
+        xhat *= fit(invstd_tile, n)
+        return g, xhat
 
     def tile_sums(tile):
-        g, xhat = _tile_terms(cache, dy_rows, tile)
-        return g.sum(axis=0), (g * xhat).sum(axis=0)
+        g, xhat = terms(tile)
+        xhat *= g
+        return g.sum(axis=0), xhat.sum(axis=0)
 
     parts = map_tiles(tile_sums, count, channels, xp)
     dbias = sum(part[0] for part in parts)
     dweight = sum(part[1] for part in parts)
 
     scale = cache.invstd * cache.weight
+    scale_tile = channel_tile(scale, tile_rows)
     dx = xp.empty_like(cache.rows)
     if cache.training:
-        mean_dweight, mean_dbias = dweight / count, dbias / count
+        mean_dweight_tile = channel_tile(dweight / count, tile_rows)
+        mean_dbias_tile = channel_tile(dbias / count, tile_rows)
 
         def tile_dx(tile):
-            g, xhat = _tile_terms(cache, dy_rows, tile)
-            xhat *= mean_dweight
-            out = dx[tile]
+            n, out = tile.stop - tile.start, dx[tile]
+            g, xhat = terms(tile)
+            xhat *= fit(mean_dweight_tile, n)
             xp.subtract(g, xhat, out=out)
-            out -= mean_dbias
-            out *= scale
+            out -= fit(mean_dbias_tile, n)
+            out *= fit(scale_tile, n)
     else:
         def tile_dx(tile):
-            g, _ = _tile_terms(cache, dy_rows, tile)
-            xp.multiply(g, scale, out=dx[tile])
+            g, _ = terms(tile)
+            xp.multiply(g, fit(scale_tile, tile.stop - tile.start), out=dx[tile])
 
     map_tiles(tile_dx, count, channels, xp)
     dx = rows_as_nchw(dx, cache.shape)

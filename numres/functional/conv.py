@@ -135,16 +135,18 @@ def col2im(dcols, x_shape, kernel, stride, padding, dilation, out_hw, groups=1):
         return dcols.transpose(1, 0, 2).reshape(n, h, w, c).transpose(0, 3, 1, 2)
     taps = dcols.reshape(groups, n, out_hw[0], out_hw[1], kernel[0], kernel[1], cg)
     padded = xp.empty((n, h + 2 * padding[0], w + 2 * padding[1], groups, cg), dtype=dcols.dtype)
+    dx_nhwc = xp.empty((n, h, w, groups, cg), dtype=dcols.dtype)
 
     def accumulate(images):
         frame = padded[images]
         frame[...] = 0
         for i, j, rows, cols in kernel_offsets(kernel, stride, dilation, out_hw):
             frame[:, rows, cols] += taps[:, images, :, :, i, j, :].transpose(1, 2, 3, 0, 4)
+        # Crop the padding while the frame is still in cache; dx comes out contiguous channels-last.
+        dx_nhwc[images] = frame[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w]
 
     map_tiles(accumulate, n, padded[0].size, xp)
-    dx_nhwc = padded[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w].reshape(n, h, w, c)
-    return dx_nhwc.transpose(0, 3, 1, 2)
+    return dx_nhwc.reshape(n, h, w, c).transpose(0, 3, 1, 2)
 
 
 def weight_matrix(weight, groups):
