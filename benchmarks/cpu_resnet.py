@@ -226,22 +226,17 @@ def breakdown(model, step, repeats):
     kinds = {
         "conv2d_forward": conv_label("forward"), "conv2d_backward": conv_label("backward"),
         "batchnorm_train_forward": lambda a: "batchnorm forward", "batchnorm_backward": lambda a: "batchnorm backward",
-        "relu_backward": lambda a: "relu backward",
+        "relu_backward": lambda a: "relu backward", "add_relu_forward": lambda a: "residual add+relu",
+        "add": lambda a: "residual gradient add",
         "maxpool2d_forward": lambda a: "maxpool", "maxpool2d_backward": lambda a: "maxpool",
         "adaptive_avgpool2d_forward": lambda a: "avgpool", "adaptive_avgpool2d_backward": lambda a: "avgpool",
         "linear_forward": lambda a: "linear", "linear_backward": lambda a: "linear",
     }
     for name, label in kinds.items():
         register_kernel("numpy", name, timed(label, getattr(F, name)))
-    import numres.models.resnet as resnet_module
-    originals = {"im2col": conv_module.im2col, "col2im": conv_module.col2im,
-                 "add": resnet_module.add, "add_relu_forward": resnet_module.add_relu_forward,
-                 "relu_backward": resnet_module.relu_backward}
+    originals = {"im2col": conv_module.im2col, "col2im": conv_module.col2im}
     conv_module.im2col = timed(lambda a: "im2col (inside conv)", originals["im2col"])
     conv_module.col2im = timed(lambda a: "col2im (inside conv)", originals["col2im"])
-    resnet_module.add = timed(lambda a: "residual gradient add", originals["add"])
-    resnet_module.add_relu_forward = timed(lambda a: "residual add+relu", originals["add_relu_forward"])
-    resnet_module.relu_backward = timed(lambda a: "relu backward", originals["relu_backward"])
     try:
         for _ in range(repeats):
             current.clear()
@@ -254,8 +249,6 @@ def breakdown(model, step, repeats):
         for name in kinds:
             unregister_kernel("numpy", name)
         conv_module.im2col, conv_module.col2im = originals["im2col"], originals["col2im"]
-        resnet_module.add, resnet_module.add_relu_forward = originals["add"], originals["add_relu_forward"]
-        resnet_module.relu_backward = originals["relu_backward"]
     return {key: statistics.median(values) for key, values in totals.items()}
 
 

@@ -158,6 +158,20 @@ def weight_matrix(weight, groups):
     return matrix.reshape(rows, groups, out_channels // groups).transpose(1, 0, 2)
 
 
+def group_matmul(a, b, out=None):
+    """``a[g] @ b[g]`` for every group of stacked ``(groups, m, k)`` and ``(groups, k, n)`` operands.
+
+    With one group it is a single 2-D GEMM (a batched matmul would make CuPy copy both operands).
+    """
+    xp = xp_of(a)
+    if a.shape[0] != 1:
+        return xp.matmul(a, b, out=out)
+    if out is None:
+        return xp.matmul(a[0], b[0])[None]
+    xp.matmul(a[0], b[0], out=out[0])
+    return out
+
+
 class ConvCache(NamedTuple):
     x: object             # the input; backward rebuilds the patch matrix from it
     weight: object        # the weight, PyTorch shape
@@ -180,7 +194,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     cols, out_hw = im2col(x, (kh, kw), stride, padding, dilation, groups)
     rows = cols.shape[1]
     y = xp.empty((rows, groups, out_channels // groups), dtype=x.dtype)
-    xp.matmul(cols, weight_matrix(weight, groups), out=y.transpose(1, 0, 2))
+    group_matmul(cols, weight_matrix(weight, groups), out=y.transpose(1, 0, 2))
     y = y.reshape(rows, out_channels)
     if bias is not None:
         y += bias
@@ -206,14 +220,14 @@ def conv2d_backward(dy, cache: ConvCache, need_input_grad=True):
     dy_groups = dy_rows.transpose(1, 0, 2)                          # (g, rows, O/g)
 
     dweight = xp.empty((kh * kw * cg, groups, out_channels // groups), dtype=dy.dtype)
-    xp.matmul(cols.transpose(0, 2, 1), dy_groups, out=dweight.transpose(1, 0, 2))
+    group_matmul(cols.transpose(0, 2, 1), dy_groups, out=dweight.transpose(1, 0, 2))
     dweight = dweight.reshape(kh, kw, cg, out_channels).transpose(3, 2, 0, 1)
 
     dbias = dy_rows.reshape(rows, out_channels).sum(axis=0) if cache.has_bias else None
 
     dx = None
     if need_input_grad:
-        dcols = xp.matmul(dy_groups, weight_matrix(cache.weight, groups).transpose(0, 2, 1))
+        dcols = group_matmul(dy_groups, weight_matrix(cache.weight, groups).transpose(0, 2, 1))
         dx = col2im(dcols, cache.x_shape, cache.kernel, cache.stride, cache.padding, cache.dilation,
                     cache.out_hw, groups)
     return dx, dweight, dbias

@@ -131,7 +131,7 @@ def avgpool2d_forward(x, kernel_size, stride=None, padding=0, ceil_mode=False, c
     if divisor_override is not None:
         if divisor_override == 0:
             raise ValueError("divisor_override must not be zero")
-        divisor = xp.asarray(float(divisor_override), dtype=x.dtype)
+        divisor = xp.full((), divisor_override, dtype=x.dtype)
     else:
         counts = [_window_counts(geometry.out_hw[a], geometry.in_hw[a], geometry.kernel[a], geometry.stride[a],
                                  geometry.padding[a], count_include_pad, xp) for a in range(2)]

@@ -15,7 +15,6 @@ torchvision, but the block applies them through the BatchNorm.
 from __future__ import annotations
 
 from .. import init
-from ..functional.activation import add, add_relu_forward, relu_backward
 from ..nn import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Linear, MaxPool2d, Module, ReLU, Sequential
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -58,18 +57,18 @@ class BasicBlock(Module):
         out = self.bn1(self.conv1(x), relu=True)
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        out = add_relu_forward(out, identity)
+        out = self.ops.add_relu_forward(out, identity)
         self.save_for_backward(out)
         return out
 
     def backward(self, grad_output):
-        grad_sum = relu_backward(grad_output, self.saved_cache())
+        grad_sum = self.ops.relu_backward(grad_output, self.saved_cache())
         grad = self.bn2.backward(grad_sum)
         grad = self.conv2.backward(grad)
         grad = self.bn1.backward(grad)
         grad = self.conv1.backward(grad)
         grad_shortcut = grad_sum if self.downsample is None else self.downsample.backward(grad_sum)
-        return add(grad, grad_shortcut)
+        return self.ops.add(grad, grad_shortcut)
 
 
 class Bottleneck(Module):
@@ -97,12 +96,12 @@ class Bottleneck(Module):
         out = self.bn2(self.conv2(out), relu=True)
         out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
-        out = add_relu_forward(out, identity)
+        out = self.ops.add_relu_forward(out, identity)
         self.save_for_backward(out)
         return out
 
     def backward(self, grad_output):
-        grad_sum = relu_backward(grad_output, self.saved_cache())
+        grad_sum = self.ops.relu_backward(grad_output, self.saved_cache())
         grad = self.bn3.backward(grad_sum)
         grad = self.conv3.backward(grad)
         grad = self.bn2.backward(grad)
@@ -110,7 +109,7 @@ class Bottleneck(Module):
         grad = self.bn1.backward(grad)
         grad = self.conv1.backward(grad)
         grad_shortcut = grad_sum if self.downsample is None else self.downsample.backward(grad_sum)
-        return add(grad, grad_shortcut)
+        return self.ops.add(grad, grad_shortcut)
 
 
 class ResNet(Module):
