@@ -26,7 +26,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+# Before NumPy loads OpenBLAS (numres sets the same default on import; see numres/__init__.py).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -400,7 +403,8 @@ def main(argv=None):
                     "python": platform.python_version()},
         "timestamp": time.strftime("%Y-%m-%d %H:%M"),
         "blas": blas_info(), "torch_version": torch.__version__, "numpy_version": np.__version__,
-        "env": {key: os.environ.get(key) for key in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
+        "env": {key: os.environ.get(key) for key in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_THREAD_TIMEOUT",
+                                                     "OMP_WAIT_POLICY")},
         "sgemm_peak_gflops": peak,
         "timings": timings,
         "forward_macs": macs,

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-TILE_ELEMENTS = 1 << 18        # about 1 MiB of float32: a chain of temporaries stays in L2/L3
+TILE_ELEMENTS = 1 << 16        # 256 KiB of float32: a chain of temporaries stays in the L2 cache
 
 _threads = max(1, int(os.environ.get("NUMRES_NUM_THREADS", os.cpu_count() or 1)))
 _pool: ThreadPoolExecutor | None = None

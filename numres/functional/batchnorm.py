@@ -23,8 +23,9 @@ cache-sized tiles on all cores (:mod:`numres.parallel`), and each per-channel
 vector is laid out once as a whole tile of rows (:func:`channel_tile`), so every
 operation inside a tile is a flat, SIMD-friendly loop instead of a broadcast.
 The cache keeps the input ``x`` (and, with the ReLU, the output ``y``, which the
-next convolution keeps anyway); backward recomputes ``xhat`` tile by tile, in
-cache, which costs less than storing it.  The variance is summed around a shift
+next convolution keeps anyway), never ``xhat``: forward applies ``y = x * scale +
+shift`` and backward is written in terms of ``x`` as well (see
+:func:`batchnorm_backward`), which saves passes over memory.  The variance is summed around a shift
 ``k`` close to the mean (the mean of the first tile), which avoids cancellation::
 
     var = sum((x - k)^2) / m - (mean - k)^2
@@ -89,7 +90,8 @@ def _moments(rows):
 
 
 def _normalise(rows, shape, mean, var, weight, bias, eps, relu, training):
-    """``y = (x - mean) * weight / sqrt(var + eps) + bias`` (+ ReLU), written tile by tile."""
+    """``y = x * scale + shift`` (+ ReLU) with ``scale = weight / sqrt(var + eps)`` and
+    ``shift = bias - mean * scale``, written tile by tile."""
     xp = xp_of(rows)
     affine = weight is not None
     if not affine:
@@ -97,15 +99,15 @@ def _normalise(rows, shape, mean, var, weight, bias, eps, relu, training):
         bias = xp.zeros(rows.shape[1], dtype=rows.dtype)
     invstd = (1.0 / xp.sqrt(var + eps)).astype(rows.dtype)
     mean = mean.astype(rows.dtype)
+    scale = invstd * weight
     tile_rows = _tile_rows(rows)
-    mean_tile, scale_tile, bias_tile = (channel_tile(v, tile_rows) for v in (mean, invstd * weight, bias))
+    scale_tile, shift_tile = channel_tile(scale, tile_rows), channel_tile(bias - mean * scale, tile_rows)
     y = xp.empty_like(rows)
 
     def tile_normalise(tile):
         n, out = tile.stop - tile.start, y[tile]
-        xp.subtract(rows[tile], fit(mean_tile, n), out=out)
-        out *= fit(scale_tile, n)
-        out += fit(bias_tile, n)
+        xp.multiply(rows[tile], fit(scale_tile, n), out=out)
+        out += fit(shift_tile, n)
         if relu:
             xp.maximum(out, 0, out=out)
 
@@ -143,51 +145,48 @@ def batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps=1e-5,
 
 
 def batchnorm_backward(dy, cache: BatchNormCache):
-    """``(dx, dweight, dbias)``; the parameter gradients are None when the layer has no affine part."""
+    """``(dx, dweight, dbias)``; the parameter gradients are None when the layer has no affine part.
+
+    Both passes work on ``x`` directly rather than on ``xhat = (x - mean) * invstd``::
+
+        dweight = invstd * (sum(g * x) - mean * dbias)
+        dx      = g * a + x * b + c     with  a = scale,  b = -scale * invstd * dweight / m,
+                                              c = -a * dbias / m - b * mean           (training)
+    """
     xp = xp_of(dy)
     count, channels = cache.rows.shape
     dy_rows = channel_rows(dy)
     tile_rows = _tile_rows(cache.rows)
-    mean_tile, invstd_tile = channel_tile(cache.mean, tile_rows), channel_tile(cache.invstd, tile_rows)
 
-    def terms(tile):
-        """``(g, xhat)`` for one tile: the gradient after the ReLU mask, and the normalised input."""
-        n = tile.stop - tile.start
+    def masked_gradient(tile):
+        """``g``: the upstream gradient of one tile, through the ReLU mask when it is fused."""
         if cache.relu:
-            g = xp.multiply(dy_rows[tile], cache.y_rows[tile] > 0)
-        else:
-            g = dy_rows[tile]
-        xhat = cache.rows[tile] - fit(mean_tile, n)
-        xhat *= fit(invstd_tile, n)
-        return g, xhat
+            return xp.multiply(dy_rows[tile], cache.y_rows[tile] > 0)
+        return dy_rows[tile]
 
     def tile_sums(tile):
-        g, xhat = terms(tile)
-        xhat *= g
-        return g.sum(axis=0), xhat.sum(axis=0)
+        g = masked_gradient(tile)
+        return g.sum(axis=0), (g * cache.rows[tile]).sum(axis=0)
 
     parts = map_tiles(tile_sums, count, channels, xp)
     dbias = sum(part[0] for part in parts)
-    dweight = sum(part[1] for part in parts)
+    dweight = cache.invstd * (sum(part[1] for part in parts) - cache.mean * dbias)
 
-    scale = cache.invstd * cache.weight
-    scale_tile = channel_tile(scale, tile_rows)
+    a = cache.invstd * cache.weight
+    a_tile = channel_tile(a, tile_rows)
     dx = xp.empty_like(cache.rows)
     if cache.training:
-        mean_dweight_tile = channel_tile(dweight / count, tile_rows)
-        mean_dbias_tile = channel_tile(dbias / count, tile_rows)
+        b = -a * cache.invstd * dweight / count
+        b_tile, c_tile = channel_tile(b, tile_rows), channel_tile(-a * dbias / count - b * cache.mean, tile_rows)
 
         def tile_dx(tile):
             n, out = tile.stop - tile.start, dx[tile]
-            g, xhat = terms(tile)
-            xhat *= fit(mean_dweight_tile, n)
-            xp.subtract(g, xhat, out=out)
-            out -= fit(mean_dbias_tile, n)
-            out *= fit(scale_tile, n)
+            xp.multiply(masked_gradient(tile), fit(a_tile, n), out=out)
+            out += cache.rows[tile] * fit(b_tile, n)
+            out += fit(c_tile, n)
     else:
         def tile_dx(tile):
-            g, _ = terms(tile)
-            xp.multiply(g, fit(scale_tile, tile.stop - tile.start), out=dx[tile])
+            xp.multiply(masked_gradient(tile), fit(a_tile, tile.stop - tile.start), out=dx[tile])
 
     map_tiles(tile_dx, count, channels, xp)
     dx = rows_as_nchw(dx, cache.shape)
