@@ -56,6 +56,7 @@ def limit_threads(count):
     import torch
 
     import numres
+    numres.allocator.retain_freed_memory()
 
     torch.set_num_threads(count)
     numres.parallel.set_num_threads(count)
@@ -267,19 +268,32 @@ def memory_child(args):
         import threadpoolctl
 
         import numres as nr
+        nr.allocator.retain_freed_memory()
         threadpoolctl.threadpool_limits(limits=args.threads)
         nr.parallel.set_num_threads(args.threads)
         step = numres_runners(getattr(nr, args.model)(), x, target)["train_step"]
     else:
         import torch
         import torch_reference
+
+        import numres as nr
+        nr.allocator.retain_freed_memory()
         torch.set_num_threads(args.threads)
         step = torch_runners(torch_reference.build(args.model), x, target)["train_step"]
     baseline = current_rss_mb()
     for _ in range(args.steps_for_memory):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(json.dumps({"peak_rss_mb": peak, "rss_before_steps_mb": baseline}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": baseline}))
+
+
+def peak_rss_mb():
+    """This process's resident-set high-water mark (VmHWM; ru_maxrss would include the parent's
+    peak, which Linux carries across fork and exec)."""
+    with open("/proc/self/status") as stream:
+        for line in stream:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def current_rss_mb():

@@ -12,7 +12,7 @@ import os as _os
 # It only takes effect when numres is imported before NumPy loads OpenBLAS; the user's setting wins.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from . import backend, functional, init, nn, optim
+from . import allocator, backend, functional, init, nn, optim, parallel
 from .backend import to_numpy
 from .gradcheck import GradcheckResult, gradcheck
 from .init import manual_seed

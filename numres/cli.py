@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from .allocator import retain_freed_memory
+    retain_freed_memory()       # a command owns its process: reuse freed activation memory
     return int(importlib.import_module(args._module).run(args) or 0)
 
 
