@@ -115,3 +115,25 @@ def test_numres_sets_a_short_openblas_spin_timeout_by_default():
     import os
     assert os.environ.get("OPENBLAS_THREAD_TIMEOUT") is not None
     assert nr.parallel is parallel
+
+
+@pytest.mark.parametrize("groups, stride, padding, bias", [(1, 1, 1, False), (2, 2, 1, True), (1, 1, 0, True)])
+def test_conv_chunked_workspace_matches_torch(monkeypatch, groups, stride, padding, bias):
+    """With a workspace of one element every image is its own chunk; dweight sums the chunks."""
+    monkeypatch.setattr(conv, "WORKSPACE_ELEMENTS", 1)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4, 6, 5))
+    w = rng.standard_normal((6, 4 // groups, 3, 3))
+    b = rng.standard_normal(6) if bias else None
+    y, cache = conv.conv2d_forward(x, w, b, stride, padding, 1, groups)
+    dy = rng.standard_normal(y.shape)
+    dx, dw, db = conv.conv2d_backward(dy, cache)
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    tb = torch.tensor(b, requires_grad=True) if bias else None
+    ty = torch.nn.functional.conv2d(tx, tw, tb, stride, padding, 1, groups)
+    ty.backward(torch.tensor(dy))
+    assert len(conv.image_chunks(x.shape, (3, 3), (stride, stride), (padding, padding), y.shape[2:])) == 3
+    assert rel_err(y, ty.detach().numpy()) < 1e-10
+    assert rel_err(dx, tx.grad.numpy()) < 1e-10 and rel_err(dw, tw.grad.numpy()) < 1e-10
+    if bias:
+        assert rel_err(db, tb.grad.numpy()) < 1e-10

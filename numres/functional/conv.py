@@ -122,20 +122,25 @@ def im2col(x, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     return cols.reshape(groups, rows, kernel[0] * kernel[1] * (c // groups)), out_hw
 
 
-def col2im(dcols, x_shape, kernel, stride, padding, dilation, out_hw, groups=1):
+def col2im(dcols, x_shape, kernel, stride, padding, dilation, out_hw, groups=1, out=None):
     """Adjoint of :func:`im2col`: scatter-add each patch row back onto an (N, C, H, W) gradient.
 
-    Accumulates one kernel tap at a time, so no window-sized temporary is built.
+    Accumulates one kernel tap at a time, so no window-sized temporary is built.  ``out``, an
+    (N, H, W, C) array, receives the result when given.
     """
     xp = xp_of(dcols)
     n, c, h, w = x_shape
     cg = c // groups
     if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
         # Every input pixel sits in exactly one window: col2im is a reshape.
-        return dcols.transpose(1, 0, 2).reshape(n, h, w, c).transpose(0, 3, 1, 2)
+        dx_nhwc = dcols.transpose(1, 0, 2).reshape(n, h, w, c)
+        if out is not None:
+            out[...] = dx_nhwc
+            dx_nhwc = out
+        return dx_nhwc.transpose(0, 3, 1, 2)
     taps = dcols.reshape(groups, n, out_hw[0], out_hw[1], kernel[0], kernel[1], cg)
     padded = xp.empty((n, h + 2 * padding[0], w + 2 * padding[1], groups, cg), dtype=dcols.dtype)
-    dx_nhwc = xp.empty((n, h, w, groups, cg), dtype=dcols.dtype)
+    dx_nhwc = (xp.empty((n, h, w, c), dtype=dcols.dtype) if out is None else out).reshape(n, h, w, groups, cg)
 
     def accumulate(images):
         frame = padded[images]
@@ -185,17 +190,39 @@ class ConvCache(NamedTuple):
     has_bias: bool
 
 
+WORKSPACE_ELEMENTS = 1 << 22    # patch-matrix elements built at once (16 MiB of float32)
+
+
+def image_chunks(x_shape, kernel, stride, padding, out_hw):
+    """Slices of the batch whose patch matrices fit :data:`WORKSPACE_ELEMENTS` together.
+
+    Working through the batch chunk by chunk bounds im2col's workspace and keeps each patch
+    matrix in cache between the copy that builds it and the GEMM that reads it.  A 1x1 stride-1
+    convolution builds no patch matrix (it reads the input itself) and takes one chunk.
+    """
+    n, c = x_shape[:2]
+    if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        return [slice(0, n)]
+    per_image = out_hw[0] * out_hw[1] * kernel[0] * kernel[1] * c
+    images = max(1, WORKSPACE_ELEMENTS // per_image)
+    return [slice(start, min(start + images, n)) for start in range(0, n, images)]
+
+
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """``y = conv2d(x, weight) + bias`` -> ``(y, cache)``; ``y`` is (N, O, OH, OW), stored channels-last."""
     xp = xp_of(x)
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     out_channels, cg, kh, kw = weight.shape
-    n = x.shape[0]
-    cols, out_hw = im2col(x, (kh, kw), stride, padding, dilation, groups)
-    rows = cols.shape[1]
-    y = xp.empty((rows, groups, out_channels // groups), dtype=x.dtype)
-    group_matmul(cols, weight_matrix(weight, groups), out=y.transpose(1, 0, 2))
-    y = y.reshape(rows, out_channels)
+    n, _, h, w = x.shape
+    out_hw = (output_size(h, kh, stride[0], padding[0], dilation[0]),
+              output_size(w, kw, stride[1], padding[1], dilation[1]))
+    pixels = out_hw[0] * out_hw[1]
+    matrix = weight_matrix(weight, groups)
+    y = xp.empty((n * pixels, groups, out_channels // groups), dtype=x.dtype)
+    for images in image_chunks(x.shape, (kh, kw), stride, padding, out_hw):
+        cols, _ = im2col(x[images], (kh, kw), stride, padding, dilation, groups)
+        group_matmul(cols, matrix, out=y[images.start * pixels:images.stop * pixels].transpose(1, 0, 2))
+    y = y.reshape(n * pixels, out_channels)
     if bias is not None:
         y += bias
     y = y.reshape(n, out_hw[0], out_hw[1], out_channels).transpose(0, 3, 1, 2)
@@ -210,24 +237,37 @@ def conv2d_backward(dy, cache: ConvCache, need_input_grad=True):
     ``dx`` is None when ``need_input_grad`` is False (the stem of a network needs none);
     ``dbias`` is None for a convolution without bias.  ``dweight`` has the weight's shape and
     is stored ``(kh, kw, Cg, O)``, like the weights of :class:`numres.nn.Conv2d`.
+
+    The patch matrix is rebuilt here, chunk by chunk, from the saved input rather than kept
+    from forward: for a 3x3 convolution it is nine times the input's size, and rebuilding it
+    costs one copy (for a 1x1 stride-1 convolution it is the input itself, so nothing at all).
     """
     xp = xp_of(dy)
     groups = cache.groups
     out_channels, cg, kh, kw = cache.weight.shape
-    cols, _ = im2col(cache.x, cache.kernel, cache.stride, cache.padding, cache.dilation, groups)
-    rows = cols.shape[1]
-    dy_rows = xp.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(rows, groups, out_channels // groups)
-    dy_groups = dy_rows.transpose(1, 0, 2)                          # (g, rows, O/g)
+    n = cache.x_shape[0]
+    pixels = cache.out_hw[0] * cache.out_hw[1]
+    dy_rows = xp.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(n * pixels, groups, out_channels // groups)
+    matrix_t = weight_matrix(cache.weight, groups).transpose(0, 2, 1)
 
     dweight = xp.empty((kh * kw * cg, groups, out_channels // groups), dtype=dy.dtype)
-    group_matmul(cols.transpose(0, 2, 1), dy_groups, out=dweight.transpose(1, 0, 2))
+    dweight_groups = dweight.transpose(1, 0, 2)                     # (g, kh*kw*Cg, O/g)
+    dx = xp.empty((n, cache.x_shape[2], cache.x_shape[3], cache.x_shape[1]), dtype=dy.dtype) \
+        if need_input_grad else None
+    chunks = image_chunks(cache.x_shape, cache.kernel, cache.stride, cache.padding, cache.out_hw)
+    for index, images in enumerate(chunks):
+        cols, _ = im2col(cache.x[images], cache.kernel, cache.stride, cache.padding, cache.dilation, groups)
+        dy_chunk = dy_rows[images.start * pixels:images.stop * pixels].transpose(1, 0, 2)    # (g, rows, O/g)
+        if index == 0:
+            group_matmul(cols.transpose(0, 2, 1), dy_chunk, out=dweight_groups)
+        else:
+            dweight_groups += group_matmul(cols.transpose(0, 2, 1), dy_chunk)
+        if need_input_grad:
+            dcols = group_matmul(dy_chunk, matrix_t)
+            col2im(dcols, (images.stop - images.start, *cache.x_shape[1:]), cache.kernel, cache.stride,
+                   cache.padding, cache.dilation, cache.out_hw, groups, out=dx[images])
     dweight = dweight.reshape(kh, kw, cg, out_channels).transpose(3, 2, 0, 1)
-
-    dbias = dy_rows.reshape(rows, out_channels).sum(axis=0) if cache.has_bias else None
-
-    dx = None
+    dbias = dy_rows.reshape(n * pixels, out_channels).sum(axis=0) if cache.has_bias else None
     if need_input_grad:
-        dcols = group_matmul(dy_groups, weight_matrix(cache.weight, groups).transpose(0, 2, 1))
-        dx = col2im(dcols, cache.x_shape, cache.kernel, cache.stride, cache.padding, cache.dilation,
-                    cache.out_hw, groups)
+        dx = dx.transpose(0, 3, 1, 2)
     return dx, dweight, dbias
