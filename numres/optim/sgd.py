@@ -8,12 +8,16 @@ For each parameter ``p`` with gradient ``g``::
     g = g + momentum * buf  if nesterov  else  buf
     p = p - lr * g
 
-All updates happen in place on the parameter's own array, on its own backend.
+All updates happen in place on the parameter's own array, on its own backend.  On the CPU
+the three arrays (parameter, gradient, buffer) are walked together in cache-sized tiles on
+all cores, so each crosses memory once per step.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import backend as B
-from ..parallel import map_items
+from ..parallel import map_tiles
 from .optimizer import Optimizer
 
 
@@ -34,22 +38,58 @@ class SGD(Optimizer):
 
     def step(self):
         for group in self.param_groups:
-            params = [param for param in group["params"] if param.grad is not None]
-            if params:
-                map_items(lambda param: self._update(param, group), params, B.xp_of(params[0].data))
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, group)
 
     def _update(self, param, group):
         momentum = group["momentum"]
-        grad = -param.grad if group["maximize"] else param.grad
-        if group["weight_decay"]:
-            grad = grad + group["weight_decay"] * param.data
+        buf, first_step = None, False
         if momentum:
             state = self.state_for(param)
             buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = grad.copy(order="K")
+            if buf is None:                         # the first step's buffer is the gradient itself
+                buf = state["momentum_buffer"] = B.xp_of(param.data).zeros_like(param.grad)
+                first_step = True
+            else:
+                first_step = False
+        first_step = bool(momentum) and first_step
+        arrays = [param.data, param.grad] + ([buf] if buf is not None else [])
+        flat = same_layout_flat(arrays)
+        if flat is None:                            # mixed memory layouts: whole-array operations
+            self._update_arrays(param.data, param.grad, buf, group, first_step)
+            return
+        if buf is None:
+            flat.append(None)
+        map_tiles(lambda tile: self._update_arrays(flat[0][tile], flat[1][tile],
+                                                   None if buf is None else flat[2][tile], group, first_step),
+                  flat[0].shape[0], 1, B.xp_of(param.data))
+
+    @staticmethod
+    def _update_arrays(data, grad, buf, group, first_step=False):
+        """The update on matching pieces of the parameter, its gradient and its momentum buffer."""
+        momentum = group["momentum"]
+        step = -grad if group["maximize"] else grad
+        if group["weight_decay"]:
+            step = step + group["weight_decay"] * data
+        if momentum:
+            if first_step:
+                buf[...] = step
             else:
                 buf *= momentum
-                buf += (1.0 - group["dampening"]) * grad
-            grad = grad + momentum * buf if group["nesterov"] else buf
-        param.data -= group["lr"] * grad
+                buf += (1.0 - group["dampening"]) * step if group["dampening"] else step
+            step = step + momentum * buf if group["nesterov"] else buf
+        data -= group["lr"] * step
+
+
+def same_layout_flat(arrays):
+    """1-D views, in memory order, of NumPy arrays that share one contiguous layout; None otherwise
+    (other backends update whole arrays: a GPU needs no tiles)."""
+    first = arrays[0]
+    if not isinstance(first, np.ndarray) or any(
+            type(a) is not type(first) or a.shape != first.shape or a.strides != first.strides for a in arrays[1:]):
+        return None
+    order = sorted(range(first.ndim), key=lambda axis: -first.strides[axis])
+    if not first.transpose(order).flags.c_contiguous:
+        return None
+    return [a.transpose(order).reshape(-1) for a in arrays]
