@@ -48,6 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--memory-child", choices=["numres", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--report-only", action="store_true", help="only rebuild cpu.md and cpu.png from the JSON")
     return parser.parse_args(argv)
 
 
@@ -67,6 +68,17 @@ def blas_info():
     import threadpoolctl
     return [{key: entry.get(key) for key in ("internal_api", "version", "architecture", "num_threads", "filepath")}
             for entry in threadpoolctl.threadpool_info() if entry.get("user_api") == "blas"]
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as stream:
+            for line in stream:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def median_ms(samples):
@@ -330,7 +342,9 @@ def write_reports(directory):
                   f"Machine: {run['machine']['processor']}, BLAS: " +
                   ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']})" for b in run["blas"]) +
                   f", sgemm peak {run['sgemm_peak_gflops']:.0f} GFLOP/s, torch {run['torch_version']}, "
-                  f"{run['timestamp']}", "",
+                  f"{run['timestamp']}",
+                  "Environment: " + ", ".join(f"{k}={v}" if v is not None else f"{k} unset"
+                                              for k, v in run.get("env", {}).items()), "",
                   "| phase | numres ms | PyTorch ms | ratio |", "|---|---|---|---|"]
         for phase, row in run["timings"].items():
             lines.append(f"| {phase.replace('_', ' ')} | {row['numres_ms']:.0f} | {row['torch_ms']:.0f} | "
@@ -343,6 +357,8 @@ def write_reports(directory):
                       f"({100 * run['numres_train_gflops'] / run['sgemm_peak_gflops']:.0f}% of the sgemm peak); "
                       f"PyTorch {run['torch_train_gflops']:.0f} GFLOP/s.", "",
                   "<details><summary>numres step breakdown (median ms per step)</summary>", "",
+                  "Each `conv` row includes the im2col/col2im done inside it, which also have rows of "
+                  "their own, so the shares overlap.", "",
                   "| part | ms | share |", "|---|---|---|"]
         total = run["breakdown_ms"]["total step"]
         for key, value in sorted(run["breakdown_ms"].items(), key=lambda item: -item[1]):
@@ -381,6 +397,9 @@ def main(argv=None):
     if args.memory_child:
         memory_child(args)
         return 0
+    if args.report_only:
+        write_reports(args.out)
+        return 0
     import torch
 
     limits = limit_threads(args.threads)
@@ -413,7 +432,7 @@ def main(argv=None):
 
     result = {
         "config": vars(args) | {"out": None},
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "machine": {"processor": cpu_model(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
         "timestamp": time.strftime("%Y-%m-%d %H:%M"),
         "blas": blas_info(), "torch_version": torch.__version__, "numpy_version": np.__version__,
