@@ -17,6 +17,7 @@ whole array is one tile: the GPU is already parallel.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,6 +26,7 @@ TILE_ELEMENTS = 1 << 16        # 256 KiB of float32: a chain of temporaries stay
 
 _threads = max(1, int(os.environ.get("NUMRES_NUM_THREADS", os.cpu_count() or 1)))
 _pool: ThreadPoolExecutor | None = None
+_THREAD_PREFIX = "numres-worker"
 
 
 def get_num_threads() -> int:
@@ -45,8 +47,14 @@ def set_num_threads(count: int) -> None:
 def _executor() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_threads, thread_name_prefix="numres")
+        _pool = ThreadPoolExecutor(max_workers=_threads, thread_name_prefix=_THREAD_PREFIX)
     return _pool
+
+
+def _in_pool() -> bool:
+    """True on one of numres's own worker threads: nested work runs there serially (waiting on
+    the pool from inside it could deadlock)."""
+    return threading.current_thread().name.startswith(_THREAD_PREFIX)
 
 
 def tiles(rows: int, row_elements: int, tile_elements: int | None = None) -> list[slice]:
@@ -66,7 +74,7 @@ def map_tiles(function, rows: int, row_elements: int, xp=np, tile_elements: int 
         return [function(slice(0, rows))]
     parts = tiles(rows, row_elements, tile_elements)
     workers = min(_threads, len(parts))
-    if workers <= 1:
+    if workers <= 1 or _in_pool():
         return [function(part) for part in parts]
     per_worker = -(-len(parts) // workers)
     runs = [parts[i:i + per_worker] for i in range(0, len(parts), per_worker)]
@@ -77,7 +85,7 @@ def map_tiles(function, rows: int, row_elements: int, xp=np, tile_elements: int 
 def map_items(function, items, xp=np) -> list:
     """``[function(item) for item in items]``, spread over the thread pool for NumPy work."""
     items = list(items)
-    if xp is not np or _threads <= 1 or len(items) <= 1:
+    if xp is not np or _threads <= 1 or len(items) <= 1 or _in_pool():
         return [function(item) for item in items]
     per_worker = -(-len(items) // _threads)
     runs = [items[i:i + per_worker] for i in range(0, len(items), per_worker)]

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import numres as nr
 from numres import allocator, parallel
 from numres.functional import activation, batchnorm, conv, pooling
 
@@ -41,6 +40,11 @@ def test_map_tiles_keeps_order(tiling):
 
 def test_map_items_keeps_order(tiling):
     assert parallel.map_items(lambda item: item * item, range(9)) == [item * item for item in range(9)]
+
+
+def test_nested_map_tiles_runs_serially_instead_of_deadlocking(tiling):
+    inner = parallel.map_tiles(lambda tile: sum(parallel.map_tiles(lambda t: t.stop - t.start, 20, 5)), 41, 5)
+    assert all(total == 20 for total in inner)
 
 
 def test_set_num_threads_rejects_zero():
@@ -114,7 +118,6 @@ def test_retain_freed_memory_reports_whether_glibc_accepted():
 def test_numres_sets_a_short_openblas_spin_timeout_by_default():
     import os
     assert os.environ.get("OPENBLAS_THREAD_TIMEOUT") is not None
-    assert nr.parallel is parallel
 
 
 @pytest.mark.parametrize("groups, stride, padding, bias", [(1, 1, 1, False), (2, 2, 1, True), (1, 1, 0, True)])
