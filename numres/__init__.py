@@ -12,33 +12,24 @@ import os as _os
 # It only takes effect when numres is imported before NumPy loads OpenBLAS; the user's setting wins.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from . import allocator, backend, functional, init, nn, optim, parallel
-from .backend import to_numpy
-from .gradcheck import GradcheckResult, gradcheck
-from .init import manual_seed
-from .io import load, load_weights, save
-from .models import (BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101, resnet152,
-                     resnext50_32x4d, resnext101_32x8d, wide_resnet50_2, wide_resnet101_2)
-from .nn import no_grad
-
-__version__ = "0.1.0"
-
-__all__ = ["backend", "functional", "init", "nn", "optim", "to_numpy", "gradcheck", "GradcheckResult",
-           "manual_seed", "save", "load", "load_weights", "no_grad", "ResNet", "BasicBlock", "Bottleneck",
-           "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
-           "wide_resnet50_2", "wide_resnet101_2"]
-
+from . import allocator, backend, data, functional, init, nn, optim, parallel, study  # noqa: E402
+from .backend import to_numpy  # noqa: E402
+from .gradcheck import GradcheckResult, gradcheck  # noqa: E402
+from .init import manual_seed  # noqa: E402
+from .io import load, load_weights, save  # noqa: E402
+from .models import (BasicBlock, Bottleneck, ResNet, plain20, plain32, plain44, plain56, plain110,  # noqa: E402
+                     resnet18, resnet20, resnet32, resnet34, resnet44, resnet50, resnet56, resnet101, resnet110,
+                     resnet152, resnext50_32x4d, resnext101_32x8d, wide_resnet50_2, wide_resnet101_2)
+from .nn import no_grad  # noqa: E402
 from .summary import summarize  # noqa: E402
 from .torch_checkpoint import load_torch_checkpoint  # noqa: E402
 
-__all__ += ["summarize", "load_torch_checkpoint"]
+__version__ = "0.1.0"
 
-from . import data  # noqa: E402
-from .models.cifar import (plain20, plain32, plain44, plain56, plain110, resnet20, resnet32, resnet44,  # noqa: E402
-                           resnet56, resnet110)
-
-__all__ += ["data", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "plain20", "plain32", "plain44",
-            "plain56", "plain110"]
-
-from . import study  # noqa: E402  (numres.study.gradient_flow; matplotlib only loads when plotting)
-__all__ += ["study"]
+__all__ = ["allocator", "backend", "data", "functional", "init", "nn", "optim", "parallel", "study",
+           "to_numpy", "gradcheck", "GradcheckResult", "manual_seed", "save", "load", "load_weights",
+           "load_torch_checkpoint", "summarize", "no_grad",
+           "ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+           "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
+           "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "plain20", "plain32", "plain44", "plain56",
+           "plain110"]
