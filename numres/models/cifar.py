@@ -144,8 +144,7 @@ class CifarResNet(Module):
         grad = self.avgpool.backward(grad)
         grad = self.layer1.backward(self.layer2.backward(self.layer3.backward(grad)))
         grad = self.bn1.backward(grad)
-        self.conv1.need_input_grad = need_input_grad
-        return self.conv1.backward(grad)
+        return self.conv1.backward(grad, need_input_grad=need_input_grad)
 
 
 def _builder(n, shortcuts, depth):

@@ -193,8 +193,7 @@ class ResNet(Module):
         grad = self.layer1.backward(grad)
         grad = self.maxpool.backward(grad)
         grad = self.bn1.backward(grad)
-        self.conv1.need_input_grad = need_input_grad
-        return self.conv1.backward(grad)
+        return self.conv1.backward(grad, need_input_grad=need_input_grad)
 
 
 def _resnet(block, layers, weights, **kwargs):

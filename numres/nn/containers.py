@@ -15,10 +15,12 @@ class Sequential(Module):
             setattr(self, str(index), module)
 
     def __getitem__(self, index):
-        children = list(self._modules.values())
         if isinstance(index, slice):
-            return Sequential(*children[index])
-        return children[index]
+            part = Sequential(backend=self.backend, dtype=self.dtype)
+            for name in list(self._modules)[index]:          # children keep their names, as in PyTorch
+                setattr(part, name, self._modules[name])
+            return part
+        return list(self._modules.values())[index]
 
     def __len__(self):
         return len(self._modules)

@@ -12,7 +12,7 @@ class Conv2d(Module):
 
     ``weight`` has PyTorch's shape ``(out_channels, in_channels/groups, kh, kw)`` but is
     stored as ``(kh, kw, in/groups, out)``, so the GEMM in forward and backward reads it
-    with no copy.  ``need_input_grad = False`` makes backward skip dL/dx (and return None),
+    with no copy.  ``backward(dy, need_input_grad=False)`` skips dL/dx (and returns None),
     which saves the largest GEMM of a network's first layer.
     """
 
@@ -35,7 +35,6 @@ class Conv2d(Module):
                 raise NotImplementedError("padding='same' is supported for stride 1 with an even total padding")
             padding = tuple(t // 2 for t in total)
         self.padding = F.pair(padding, "padding")
-        self.need_input_grad = True
 
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         fan_in = init.fans(shape)[0]
@@ -59,8 +58,8 @@ class Conv2d(Module):
         self.save_for_backward(cache)
         return y
 
-    def backward(self, grad_output):
-        dx, dweight, dbias = self.ops.conv2d_backward(grad_output, self.saved_cache(), self.need_input_grad)
+    def backward(self, grad_output, need_input_grad=True):
+        dx, dweight, dbias = self.ops.conv2d_backward(grad_output, self.saved_cache(), need_input_grad)
         self.weight.accumulate_grad(dweight)
         if self.bias is not None:
             self.bias.accumulate_grad(dbias)

@@ -24,9 +24,6 @@ class CrossEntropyLoss(Module):
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         self.reduction, self.label_smoothing = reduction, float(label_smoothing)
 
-    def __call__(self, logits, target):
-        return self.forward(logits, target)
-
     def forward(self, logits, target):
         xp = B.xp_of(logits)
         if logits.ndim != 2:
@@ -45,6 +42,7 @@ class CrossEntropyLoss(Module):
             bad = target[(target < 0) | (target >= classes)]
             raise IndexError(f"target label {int(bad[0])} is out of range for {classes} classes")
         loss, cache = self.ops.cross_entropy_forward(logits, target, self.reduction, self.label_smoothing)
+        loss = xp.asarray(loss)                       # a 0-d array (NumPy reductions give scalars)
         if host_checks and not np.all(np.isfinite(loss)):
             raise FloatingPointError(f"CrossEntropyLoss is not finite ({loss if loss.ndim == 0 else 'some rows'}): "
                                      "the logits contain NaN or infinity")
@@ -52,9 +50,15 @@ class CrossEntropyLoss(Module):
         return loss
 
     def backward(self, grad_output=None):
-        """``dlogits``; ``grad_output`` defaults to 1 (the loss itself is the objective)."""
+        """``dlogits``; ``grad_output`` defaults to 1 (the loss itself is the objective).
+
+        With ``reduction="none"`` the loss is a vector, and, as in PyTorch, its gradient must be given.
+        """
         cache = self.saved_cache()
         if grad_output is None:
+            if self.reduction == "none":
+                raise RuntimeError("CrossEntropyLoss(reduction='none') returns one loss per sample: "
+                                   "backward() needs their gradient, an (N,) array")
             grad_output = 1.0
         return self.ops.cross_entropy_backward(grad_output, cache)
 

@@ -200,24 +200,29 @@ class Module:
     def backward(self, grad_output):
         raise NotImplementedError(f"{type(self).__name__} has no backward")
 
-    def __call__(self, x, **kwargs):
+    def __call__(self, *inputs, **kwargs):
         for hook in list(self._forward_pre_hooks.values()):
-            replaced = hook(self, (x,))
+            replaced = hook(self, inputs)
             if replaced is not None:
-                x = replaced[0] if isinstance(replaced, tuple) else replaced
-        y = self.forward(x, **kwargs)
+                inputs = replaced if isinstance(replaced, tuple) else (replaced,)
+        y = self.forward(*inputs, **kwargs)
         for hook in list(self._forward_hooks.values()):
-            replaced = hook(self, (x,), y)
+            replaced = hook(self, inputs, y)
             if replaced is not None:
                 y = replaced
         self.__dict__["_output_signature"] = (tuple(y.shape), y.dtype) if hasattr(y, "shape") else None
         return y
 
     def check_grad_output(self, grad_output):
-        """The upstream gradient must have the shape and dtype of the last output (no silent broadcast)."""
+        """The upstream gradient must have the backend, shape and dtype of the last output (no silent
+        broadcast, no raw array-library error)."""
         signature = self.__dict__.get("_output_signature")
-        if signature is None or grad_output is None or not hasattr(grad_output, "shape"):
+        if signature is None or grad_output is None or not hasattr(grad_output, "shape") \
+                or isinstance(grad_output, np.generic):           # a host scalar such as np.float32(2)
             return
+        if not isinstance(grad_output, self.xp.ndarray):
+            raise TypeError(f"{type(self).__name__}.backward() got a {type(grad_output).__module__}."
+                            f"{type(grad_output).__name__} gradient, but the module is on backend {self.backend!r}")
         shape, dtype = signature
         if tuple(grad_output.shape) != shape:
             raise ValueError(f"{type(self).__name__}.backward() got a gradient of shape {tuple(grad_output.shape)}, "
@@ -283,20 +288,35 @@ class Module:
     def children(self):
         return iter(self._modules.values())
 
-    def named_modules(self, prefix=""):
-        yield prefix, self
-        for name, child in self._modules.items():
-            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+    def named_modules(self, prefix="", remove_duplicate=True):
+        """``(dotted name, module)`` for this module and every descendant; a module reachable by two
+        paths is listed once unless ``remove_duplicate=False`` (state dicts list it under each)."""
+        seen = set()
+
+        def walk(module, name):
+            if remove_duplicate:
+                if id(module) in seen:
+                    return
+                seen.add(id(module))
+            yield name, module
+            for child_name, child in module._modules.items():
+                yield from walk(child, f"{name}.{child_name}" if name else child_name)
+
+        yield from walk(self, prefix)
 
     def modules(self):
         for _, module in self.named_modules():
             yield module
 
     def named_parameters(self, prefix="", recurse=True):
+        """Every parameter once (a shared one under its first name), so an optimizer updates it once."""
+        seen = set()
         modules = self.named_modules(prefix) if recurse else [(prefix, self)]
         for module_name, module in modules:
             for name, param in module._parameters.items():
-                yield (f"{module_name}.{name}" if module_name else name), param
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield (f"{module_name}.{name}" if module_name else name), param
 
     def parameters(self, recurse=True):
         for _, param in self.named_parameters(recurse=recurse):
@@ -360,7 +380,7 @@ class Module:
     def state_dict(self):
         """Parameters and buffers by their dotted names, each module's own first, then its children's."""
         state = OrderedDict()
-        for module_name, module in self.named_modules():
+        for module_name, module in self.named_modules(remove_duplicate=False):
             for name, param in module._parameters.items():
                 state[f"{module_name}.{name}" if module_name else name] = param.data
             for name, buffer in module._buffers.items():
@@ -375,18 +395,24 @@ class Module:
         :class:`StateDictError` that lists them all; nothing is copied in that case.
         """
         targets = {}
-        for module_name, module in self.named_modules():
+        for module_name, module in self.named_modules(remove_duplicate=False):
             for name in list(module._parameters) + [b for b, v in module._buffers.items() if v is not None]:
                 targets[f"{module_name}.{name}" if module_name else name] = (module, name)
-        missing = [key for key in targets if key not in state_dict]
+        # Checkpoints from before PyTorch 1.0 (torchvision's original ResNet weights) have no
+        # num_batches_tracked; like PyTorch, such a counter starts again from 0.
+        untracked = [key for key in targets if key.endswith("num_batches_tracked") and key not in state_dict]
+        missing = [key for key in targets if key not in state_dict and key not in untracked]
         unexpected = [key for key in state_dict if key not in targets]
-        mismatched = []
-        values = []
+        mismatched, unreadable, values = [], [], []
         for key, (module, name) in targets.items():
             if key not in state_dict:
                 continue
             current = module._parameters[name].data if name in module._parameters else module._buffers[name]
-            value = B.asarray(state_dict[key], self.backend)
+            try:
+                value = B.asarray(state_dict[key], self.backend).astype(current.dtype, copy=False)
+            except (TypeError, ValueError) as exc:
+                unreadable.append(f"{key}: cannot be read as {current.dtype} ({exc})")
+                continue
             if tuple(value.shape) != tuple(current.shape):
                 mismatched.append(f"{key}: checkpoint has shape {tuple(value.shape)}, model has {tuple(current.shape)}")
             values.append((current, value))
@@ -397,10 +423,15 @@ class Module:
             problems.append("unexpected keys: " + ", ".join(unexpected))
         if mismatched:
             problems.append("shape mismatches: " + "; ".join(mismatched))
+        if unreadable:
+            problems.append("values of the wrong type: " + "; ".join(unreadable))
         if problems:
             raise StateDictError(f"error loading state dict into {type(self).__name__}:\n  " + "\n  ".join(problems))
-        for current, value in values:
+        for current, value in values:            # every value is checked and converted: copying cannot fail
             current[...] = value
+        for key in untracked:
+            module, name = targets[key]
+            module._buffers[name][...] = 0
         for module in self.modules():
             module.on_moved()
         return IncompatibleKeys(missing, unexpected)

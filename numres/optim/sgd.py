@@ -48,6 +48,9 @@ class SGD(Optimizer):
         if momentum:
             state = self.state_for(param)
             buf = state.get("momentum_buffer")
+            if buf is not None and (type(buf) is not type(param.data) or buf.dtype != param.data.dtype):
+                # the model was moved (module.to) after this buffer was made: follow it
+                buf = state["momentum_buffer"] = B.convert(buf, B.backend_of(param.data), param.data.dtype)
             if buf is None:                         # the first step's buffer is the gradient itself
                 buf = state["momentum_buffer"] = B.xp_of(param.data).zeros_like(param.grad)
                 first_step = True
