@@ -80,14 +80,3 @@ def map_tiles(function, rows: int, row_elements: int, xp=np, tile_elements: int 
     runs = [parts[i:i + per_worker] for i in range(0, len(parts), per_worker)]
     results = _executor().map(lambda run: [function(part) for part in run], runs)
     return [result for run_results in results for result in run_results]
-
-
-def map_items(function, items, xp=np) -> list:
-    """``[function(item) for item in items]``, spread over the thread pool for NumPy work."""
-    items = list(items)
-    if xp is not np or _threads <= 1 or len(items) <= 1 or _in_pool():
-        return [function(item) for item in items]
-    per_worker = -(-len(items) // _threads)
-    runs = [items[i:i + per_worker] for i in range(0, len(items), per_worker)]
-    results = _executor().map(lambda run: [function(item) for item in run], runs)
-    return [result for run_results in results for result in run_results]

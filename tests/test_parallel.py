@@ -38,10 +38,6 @@ def test_map_tiles_keeps_order(tiling):
     assert results[0][0] == 0 and results[-1][1] == 41
 
 
-def test_map_items_keeps_order(tiling):
-    assert parallel.map_items(lambda item: item * item, range(9)) == [item * item for item in range(9)]
-
-
 def test_nested_map_tiles_runs_serially_instead_of_deadlocking(tiling):
     inner = parallel.map_tiles(lambda tile: sum(parallel.map_tiles(lambda t: t.stop - t.start, 20, 5)), 41, 5)
     assert all(total == 20 for total in inner)

@@ -369,11 +369,7 @@ class Module:
             module.__dict__["backend"] = backend
             module.__dict__["dtype"] = target_dtype
             module.__dict__["_cache"] = None
-            module.on_moved()
         return self
-
-    def on_moved(self):
-        """Called after :meth:`to`; modules holding derived arrays rebuild them here."""
 
     # --- state ------------------------------------------------------------------------------------
 
@@ -432,8 +428,6 @@ class Module:
         for key in untracked:
             module, name = targets[key]
             module._buffers[name][...] = 0
-        for module in self.modules():
-            module.on_moved()
         return IncompatibleKeys(missing, unexpected)
 
     # --- printing -------------------------------------------------------------------------------
