@@ -47,7 +47,7 @@ def set_num_threads(count: int) -> None:
 def _executor() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_threads, thread_name_prefix=_THREAD_PREFIX)
+        _pool = ThreadPoolExecutor(max_workers=max(1, _threads - 1), thread_name_prefix=_THREAD_PREFIX)
     return _pool
 
 
@@ -68,7 +68,8 @@ def map_tiles(function, rows: int, row_elements: int, xp=np, tile_elements: int 
     """``[function(tile) for tile in tiles(...)]``, run on the thread pool for NumPy arrays.
 
     ``function`` receives a ``slice`` of rows and must only write rows inside it.
-    Each thread takes one contiguous run of tiles.
+    Each thread takes one contiguous run of tiles; the calling thread works on the first run
+    itself rather than wait idle, so the pool holds one thread fewer than ``get_num_threads()``.
     """
     if xp is not np:
         return [function(slice(0, rows))]
@@ -78,5 +79,9 @@ def map_tiles(function, rows: int, row_elements: int, xp=np, tile_elements: int 
         return [function(part) for part in parts]
     per_worker = -(-len(parts) // workers)
     runs = [parts[i:i + per_worker] for i in range(0, len(parts), per_worker)]
-    results = _executor().map(lambda run: [function(part) for part in run], runs)
-    return [result for run_results in results for result in run_results]
+    work = lambda run: [function(part) for part in run]           # noqa: E731
+    others = [_executor().submit(work, run) for run in runs[1:]]
+    results = work(runs[0])
+    for future in others:
+        results.extend(future.result())
+    return results
