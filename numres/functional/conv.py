@@ -55,8 +55,12 @@ def output_size(size, kernel, stride, padding, dilation, ceil_mode=False):
     return room // stride + 1
 
 
-def pad_nhwc(x_nhwc, pad_h, pad_w, value=0.0, extra_h=0, extra_w=0):
-    """``x_nhwc`` framed by ``value``: ``pad`` rows/cols each side plus ``extra`` more at the end."""
+def pad_nhwc(x_nhwc, pad_h, pad_w, value=0.0, extra_h=0, extra_w=0, threads=True):
+    """``x_nhwc`` framed by ``value``: ``pad`` rows/cols each side plus ``extra`` more at the end.
+
+    The copy is split over the images on all cores unless ``threads`` is False (a caller that
+    already runs on a share of the images).
+    """
     if pad_h == pad_w == extra_h == extra_w == 0:
         return x_nhwc
     xp = xp_of(x_nhwc)
@@ -71,7 +75,10 @@ def pad_nhwc(x_nhwc, pad_h, pad_w, value=0.0, extra_h=0, extra_w=0):
         frame[:, pad_h:pad_h + h, pad_w + w:] = value
         frame[:, pad_h:pad_h + h, pad_w:pad_w + w] = x_nhwc[images]
 
-    map_tiles(fill, n, padded[0].size, xp)
+    if threads:
+        map_tiles(fill, n, padded[0].size, xp)
+    else:
+        fill(slice(0, n))
     return padded
 
 
@@ -104,22 +111,28 @@ def im2col(x, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     n, c, h, w = x.shape
     out_hw = (output_size(h, kernel[0], stride[0], padding[0], dilation[0]),
               output_size(w, kernel[1], stride[1], padding[1], dilation[1]))
-    padded = pad_nhwc(x.transpose(0, 2, 3, 1), padding[0], padding[1])
-    windows = sliding_windows(padded, kernel, stride, dilation, out_hw, groups)
-    # (N, OH, OW, kh, kw, g, Cg) -> (g, N, OH, OW, kh, kw, Cg): one copy, image by image on all cores
-    # (no copy at all when the view is already in that order, as for a 1x1 stride-1 convolution).
-    ordered = windows.transpose(5, 0, 1, 2, 3, 4, 6)
-    if ordered.flags.c_contiguous:
-        cols = ordered
-    else:
-        cols = xp.empty(ordered.shape, dtype=x.dtype)
-
-        def copy_images(images):
-            cols[:, images] = ordered[:, images]
-
-        map_tiles(copy_images, n, cols[:, 0].size, xp)
     rows = n * out_hw[0] * out_hw[1]
-    return cols.reshape(groups, rows, kernel[0] * kernel[1] * (c // groups)), out_hw
+    shape = (groups, rows, kernel[0] * kernel[1] * (c // groups))
+    x_nhwc = x.transpose(0, 2, 3, 1)
+
+    def windows_of(images, threads=False):
+        """(g, n, OH, OW, kh, kw, Cg) view of the windows of some images, padded as needed."""
+        padded = pad_nhwc(x_nhwc[images], padding[0], padding[1], threads=threads)
+        return sliding_windows(padded, kernel, stride, dilation, out_hw, groups).transpose(5, 0, 1, 2, 3, 4, 6)
+
+    if padding == (0, 0):
+        unpadded = windows_of(slice(0, n))                # a view: nothing is copied yet
+        if unpadded.flags.c_contiguous:
+            # A 1x1 stride-1 convolution over channels-last x: the patch matrix is x itself.
+            return unpadded.reshape(shape), out_hw
+    cols = xp.empty((groups, n, out_hw[0], out_hw[1], kernel[0], kernel[1], c // groups), dtype=x.dtype)
+
+    def copy_images(images):
+        # Pad and copy image by image on all cores: each padded image is still in cache when copied.
+        cols[:, images] = windows_of(images) if padding != (0, 0) else unpadded[:, images]
+
+    map_tiles(copy_images, n, cols[:, 0].size, xp)
+    return cols.reshape(shape), out_hw
 
 
 def col2im(dcols, x_shape, kernel, stride, padding, dilation, out_hw, groups=1, out=None):
