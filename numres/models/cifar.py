@@ -63,20 +63,11 @@ class ZeroPadShortcut(Module):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
 
 
-class PlainBlock(Module):
+class PlainBlock(BasicBlock):
     """A BasicBlock without its shortcut: ``relu(bn2(conv2(relu(bn1(conv1(x))))))``."""
 
-    expansion = 1
-
     def __init__(self, inplanes, planes, stride=1, *, backend="numpy", dtype="float32"):
-        super().__init__(backend=backend, dtype=dtype)
-        where = dict(backend=backend, dtype=dtype)
-        self.conv1 = conv3x3(inplanes, planes, stride, **where)
-        self.bn1 = BatchNorm2d(planes, **where)
-        self.relu = ReLU(inplace=True, **where)
-        self.conv2 = conv3x3(planes, planes, **where)
-        self.bn2 = BatchNorm2d(planes, **where)
-        self.stride = stride
+        super().__init__(inplanes, planes, stride, downsample=None, backend=backend, dtype=dtype)
 
     def forward(self, x):
         out = self.bn1(self.conv1(x), relu=True)
