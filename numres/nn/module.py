@@ -42,13 +42,18 @@ def is_grad_enabled() -> bool:
 
 
 class Parameter:
-    """A learnable array (``data``) and the gradient accumulated into it (``grad``, None until backward)."""
+    """A learnable array (``data``) and the gradient accumulated into it (``grad``, None until backward).
 
-    __slots__ = ("data", "grad")
+    ``requires_grad = False`` freezes it, as in PyTorch: backward computes no gradient for it (a
+    layer skips that weight-gradient GEMM) and optimizers leave it alone.
+    """
 
-    def __init__(self, data):
+    __slots__ = ("data", "grad", "requires_grad")
+
+    def __init__(self, data, requires_grad: bool = True):
         self.data = data
         self.grad = None
+        self.requires_grad = bool(requires_grad)
 
     @property
     def shape(self):
@@ -64,7 +69,7 @@ class Parameter:
 
     def accumulate_grad(self, gradient):
         """``grad += gradient``; the first gradient is adopted as it is (backward returns fresh arrays)."""
-        if gradient is None:
+        if gradient is None or not self.requires_grad:
             return
         if self.grad is None:
             self.grad = gradient
