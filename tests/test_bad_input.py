@@ -48,8 +48,22 @@ def image(*shape, dtype="float32"):
 @pytest.mark.parametrize("layer", [nr.nn.Conv2d(3, 4, 3), nr.nn.BatchNorm2d(3), nr.nn.MaxPool2d(2),
                                    nr.nn.AvgPool2d(2), nr.nn.AdaptiveAvgPool2d(1)], ids=lambda m: type(m).__name__)
 def test_wrong_rank_for_a_layer(layer):
-    with raises_clearly(ValueError, "4-D", "(3, 8, 8)"):
-        layer(image(3, 8, 8))
+    with raises_clearly(ValueError, "4-D", "(1, 1, 3, 8, 8)"):
+        layer(image(1, 1, 3, 8, 8))
+    with raises_clearly(ValueError, "4-D", "(8, 8)"):
+        layer(image(8, 8))
+    if not layer.accepts_unbatched:          # PyTorch's BatchNorm2d refuses (C, H, W) too
+        with raises_clearly(ValueError, "4-D", "(3, 8, 8)"):
+            layer(image(3, 8, 8))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int64"])
+def test_integer_input_suggests_the_float_dtype(dtype):
+    """An image batch of integers is told to become floats, not to convert the model to an integer dtype."""
+    for layer in (nr.nn.Conv2d(3, 4, 3), nr.nn.ReLU()):
+        with raises_clearly(TypeError, "floating-point", dtype, ".astype('float32')") as info:
+            layer(image(1, 3, 8, 8, dtype=dtype))
+        assert ".to(dtype" not in str(info.value)
 
 
 def test_wrong_rank_for_a_model(model):

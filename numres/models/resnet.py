@@ -170,6 +170,7 @@ class ResNet(Module):
         return Sequential(*layers)
 
     def forward(self, x):
+        self.check_input(x, ndim=4, channels=self.conv1.in_channels)
         x = self.bn1(self.conv1(x), relu=True)
         x = self.maxpool(x)
         x = self.layer1(x)

@@ -16,6 +16,8 @@ class Conv2d(Module):
     which saves the largest GEMM of a network's first layer.
     """
 
+    accepts_unbatched = True
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", *, backend="numpy", dtype="float32"):
         super().__init__(backend=backend, dtype=dtype)

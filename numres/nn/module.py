@@ -119,8 +119,12 @@ def _backward_running_hooks(backward):
         if outermost:
             self.check_grad_output(grad_output)
         self.__dict__["_running_backward"] = True
+        unbatched = outermost and self.__dict__.get("_unbatched", False)
         try:
-            grad_input = backward(self, grad_output, *args, **kwargs)
+            if unbatched:
+                grad_input = _drop_batch_dim(backward(self, _add_batch_dim(grad_output), *args, **kwargs))
+            else:
+                grad_input = backward(self, grad_output, *args, **kwargs)
         finally:
             if outermost:
                 self.__dict__["_running_backward"] = False
@@ -135,6 +139,20 @@ def _backward_running_hooks(backward):
     return backward_with_hooks
 
 
+def _add_batch_dim(value):
+    """``(C, H, W)`` arrays (alone or in a tuple) as ``(1, C, H, W)`` views; anything else unchanged."""
+    if isinstance(value, tuple):
+        return tuple(_add_batch_dim(item) for item in value)
+    return value[None] if getattr(value, "ndim", None) == 3 else value
+
+
+def _drop_batch_dim(value):
+    """The inverse of :func:`_add_batch_dim` on a layer's result: ``(1, ...)`` arrays lose their first axis."""
+    if isinstance(value, tuple):
+        return tuple(_drop_batch_dim(item) for item in value)
+    return value[0] if getattr(value, "ndim", 0) >= 1 else value
+
+
 class Module:
     """Base class of every layer and model.
 
@@ -142,7 +160,13 @@ class Module:
     :class:`Parameter` objects, child modules and buffers (:meth:`register_buffer`)
     as attributes; the assignments are recorded in order, which fixes the names and
     order of :meth:`named_parameters` and :meth:`state_dict`.
+
+    A 2-D layer that sets ``accepts_unbatched = True`` also takes an unbatched ``(C, H, W)``
+    input, as PyTorch's do: ``__call__`` runs it as a batch of one and drops the batch axis
+    from the output, and ``backward`` does the same with the gradient.
     """
+
+    accepts_unbatched = False
 
     def __init__(self, *, backend: str = "numpy", dtype="float32"):
         B.get_xp(backend)    # fail now, with a clear message, if the backend is unusable
@@ -210,7 +234,13 @@ class Module:
             replaced = hook(self, inputs)
             if replaced is not None:
                 inputs = replaced if isinstance(replaced, tuple) else (replaced,)
-        y = self.forward(*inputs, **kwargs)
+        unbatched = self.accepts_unbatched and getattr(inputs[0] if inputs else None, "ndim", None) == 3
+        self.__dict__["_unbatched"] = unbatched
+        if unbatched:
+            # PyTorch's 2-D layers take an unbatched (C, H, W) input: run it as a batch of one.
+            y = _drop_batch_dim(self.forward(*_add_batch_dim(inputs), **kwargs))
+        else:
+            y = self.forward(*inputs, **kwargs)
         for hook in list(self._forward_hooks.values()):
             replaced = hook(self, inputs, y)
             if replaced is not None:
@@ -254,12 +284,20 @@ class Module:
         if not isinstance(x, array_type):
             raise TypeError(f"{type(self).__name__} is on backend {self.backend!r} and expects a "
                             f"{array_type.__module__}.ndarray {what}, got {type(x).__module__}.{type(x).__name__}")
-        if x.dtype != self.dtype:
+        if x.dtype.kind != "f":
+            raise TypeError(f"{type(self).__name__} expects a floating-point {what}, got dtype {x.dtype}; "
+                            f"convert the {what} with .astype({self.dtype.name!r}) (images: scale them to [0, 1] "
+                            f"first)")
+        has_parameters = any(p is not None for p in self._parameters.values())
+        if x.dtype != self.dtype and has_parameters:
+            # Layers without parameters (pools, ReLU, Flatten) follow their input's dtype, as PyTorch's do.
             raise TypeError(f"{type(self).__name__} has dtype {self.dtype} but got {what} of dtype {x.dtype}; "
                             f"convert the {what} with .astype({self.dtype.name!r}) or the model with "
                             f".to(dtype={x.dtype.name!r})")
         if ndim is not None and x.ndim != ndim:
             layout = " (N, C, H, W)" if ndim == 4 else ""
+            if ndim == 4 and self.accepts_unbatched:
+                layout += " or an unbatched 3-D (C, H, W) one"
             raise ValueError(f"{type(self).__name__} expects a {ndim}-D {what}{layout}, got shape {tuple(x.shape)}")
         if channels is not None and x.shape[1] != channels:
             raise ValueError(f"{type(self).__name__} expects {channels} channels, got {x.shape[1]} "

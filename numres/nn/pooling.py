@@ -7,6 +7,8 @@ from .module import Module
 class MaxPool2d(Module):
     """Max over each window; padding counts as -inf; the gradient goes to the first maximum."""
 
+    accepts_unbatched = True
+
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False, ceil_mode=False,
                  *, backend="numpy", dtype="float32"):
         super().__init__(backend=backend, dtype=dtype)
@@ -33,6 +35,8 @@ class MaxPool2d(Module):
 class AvgPool2d(Module):
     """Mean over each window; padding counts towards the divisor unless ``count_include_pad=False``."""
 
+    accepts_unbatched = True
+
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                  divisor_override=None, *, backend="numpy", dtype="float32"):
         super().__init__(backend=backend, dtype=dtype)
@@ -57,6 +61,8 @@ class AvgPool2d(Module):
 
 class AdaptiveAvgPool2d(Module):
     """Average over PyTorch's adaptive bins, giving ``output_size`` whatever the input size."""
+
+    accepts_unbatched = True
 
     def __init__(self, output_size, *, backend="numpy", dtype="float32"):
         super().__init__(backend=backend, dtype=dtype)
