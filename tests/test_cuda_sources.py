@@ -350,3 +350,157 @@ def test_resnets_train_through_the_kernels_like_the_generic_path(builder, rng):
         np.testing.assert_allclose(state[name], value, rtol=0, atol=1e-10 * np.abs(value).max(), err_msg=name)
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         np.testing.assert_allclose(p.grad, q.grad, rtol=0, atol=1e-10 * np.abs(q.grad).max(), err_msg=name)
+
+
+# --- the generic op stands in when a call asks for more than a kernel does ------------------------------
+
+def test_every_registered_kernel_falls_back_to_its_generic_op():
+    import numres.cuda as cuda
+    for name, function in cuda.kernel_functions().items():
+        assert function.generic is getattr(F, name), name
+
+
+def _fake_pair():
+    """A generic op with a keyword its kernel lacks, and that kernel, recording which one ran."""
+    from numres.cuda.fallback import kernel_op
+    calls = []
+
+    def generic_op(x, scale=1.0, ignore_index=-100, weight=None, **options):
+        calls.append(("generic", ignore_index, weight, options))
+        return x * scale
+
+    @kernel_op(generic_op, usable=lambda x, *args, **kwargs: x.size > 0)
+    def kernel_op_version(x, scale=1.0):
+        calls.append(("kernel",))
+        return x * scale
+
+    class KernelCache(tuple):
+        pass
+
+    def generic_backward(dy, cache, need_input_grad=True, keep=False):
+        calls.append(("generic backward",))
+        return dy
+
+    @kernel_op(generic_backward, cache_type=KernelCache)
+    def kernel_backward(dy, cache, need_input_grad=True):
+        calls.append(("kernel backward",))
+        return dy
+
+    return calls, kernel_op_version, kernel_backward, KernelCache
+
+
+def test_a_call_the_kernel_supports_runs_the_kernel():
+    calls, forward, _, _ = _fake_pair()
+    x = np.ones(3)
+    forward(x)
+    forward(x, 2.0)
+    forward(x, scale=2.0)
+    forward(x, ignore_index=-100, weight=None)         # the generic defaults, spelled out
+    assert calls == [("kernel",)] * 4
+
+
+@pytest.mark.parametrize("extra", [{"ignore_index": 3}, {"weight": np.ones(3)}, {"ignore_index": -100.5},
+                                   {"label_smoothing_mode": "x"}])
+def test_a_call_with_an_argument_the_kernel_lacks_runs_the_generic_op(extra):
+    calls, forward, _, _ = _fake_pair()
+    np.testing.assert_array_equal(forward(np.ones(3), 2.0, **extra), np.full(3, 2.0))
+    assert calls[0][0] == "generic" and len(calls) == 1
+
+
+def test_an_argument_neither_op_knows_gets_the_generic_ops_error():
+    _, forward, _, _ = _fake_pair()
+    with pytest.raises(TypeError):
+        forward(np.ones(3), 1.0, -100, None, "one too many")
+
+
+def test_an_input_the_kernel_cannot_take_runs_the_generic_op():
+    calls, forward, _, _ = _fake_pair()
+    forward(np.ones(0))
+    assert calls[0][0] == "generic"
+
+
+def test_backward_follows_the_cache_its_forward_made():
+    calls, _, backward, KernelCache = _fake_pair()
+    dy = np.ones(2)
+    backward(dy, ("generic cache",), keep=True)         # a generic cache: the generic backward, any arguments
+    backward(dy, KernelCache(), need_input_grad=False)
+    backward(dy, KernelCache(), keep=False)             # the generic default: fine
+    assert calls == [("generic backward",), ("kernel backward",), ("kernel backward",)]
+    with pytest.raises(TypeError, match=r"kernel's backward does not take \['keep'\]"):
+        backward(dy, KernelCache(), keep=True)
+
+
+def _no_launch(host, function, *args, **kwargs):
+    """Run ``function`` and check that it launched no kernel (the generic op ran)."""
+    before = len(host.launches)
+    result = function(*args, **kwargs)
+    assert len(host.launches) == before, f"{function.__name__} launched a kernel"
+    return result
+
+
+def _same_outcome(kernel_call, generic_call):
+    """Both raise the same kind of error, or both return equal arrays (while other work teaches the generic
+    ops empty batches, the generic op's outcome, whatever it is, is the standard)."""
+    try:
+        expected = generic_call()
+    except Exception as error:      # noqa: BLE001 - the kernel wrapper must do exactly what the generic op does
+        with pytest.raises(type(error)):
+            kernel_call()
+        return
+    got = kernel_call()
+    for a, b in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else
+                    (expected,)):
+        if isinstance(b, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_an_empty_batch_goes_to_the_generic_ops(host, rng):
+    x = np.zeros((0, 4, 5, 5))
+    w = rng.standard_normal((3, 4, 3, 3))
+    _same_outcome(lambda: _no_launch(host, conv.conv2d_forward, x, w, None, 1, 1)[0],
+                  lambda: F.conv2d_forward(x, w, None, 1, 1)[0])
+    _same_outcome(lambda: _no_launch(host, pooling.maxpool2d_forward, x, 3, 2, 1)[0],
+                  lambda: F.maxpool2d_forward(x, 3, 2, 1)[0])
+    _same_outcome(lambda: _no_launch(host, batchnorm.batchnorm_eval_forward, x, None, None, np.zeros(4),
+                                     np.ones(4))[0],
+                  lambda: F.batchnorm_eval_forward(x, None, None, np.zeros(4), np.ones(4))[0])
+    _same_outcome(lambda: _no_launch(host, batchnorm.batchnorm_train_forward, x, None, None, np.zeros(4),
+                                     np.ones(4))[0],
+                  lambda: F.batchnorm_train_forward(x, None, None, np.zeros(4), np.ones(4))[0])
+    _same_outcome(lambda: _no_launch(host, activation.relu_forward, x)[0], lambda: F.relu_forward(x)[0])
+    _same_outcome(lambda: _no_launch(host, loss.cross_entropy_forward, np.zeros((0, 5)), np.zeros(0, int),
+                                     "sum")[0],
+                  lambda: F.cross_entropy_forward(np.zeros((0, 5)), np.zeros(0, int), "sum")[0])
+
+
+def test_batchnorm_with_weight_but_no_bias_goes_to_the_generic_op(host, rng):
+    x = rng.standard_normal((2, 3, 4, 4))
+    weight = rng.uniform(0.5, 2, 3)
+    mine, theirs = [np.zeros(3), np.ones(3)], [np.zeros(3), np.ones(3)]
+    _same_outcome(lambda: _no_launch(host, batchnorm.batchnorm_train_forward, x, weight, None, *mine)[0],
+                  lambda: F.batchnorm_train_forward(x, weight, None, *theirs)[0])
+
+
+def test_soft_targets_go_to_the_generic_loss(host, rng):
+    logits = rng.standard_normal((4, 5))
+    probabilities = rng.dirichlet(np.ones(5), 4)
+    _same_outcome(lambda: _no_launch(host, loss.cross_entropy_forward, logits, probabilities)[0],
+                  lambda: F.cross_entropy_forward(logits, probabilities)[0])
+
+
+@pytest.mark.parametrize("need_input_grad", [True, False])
+def test_conv_kernel_skips_the_weight_gradient_when_asked(host, rng, need_input_grad):
+    x = rng.standard_normal((2, 3, 6, 5))
+    w = rng.standard_normal((4, 3, 3, 3))
+    y, cache = conv.conv2d_forward(framed_input(x), w, None, 2, 1)
+    y_ref, cache_ref = F.conv2d_forward(x, w, None, 2, 1)
+    dy = rng.standard_normal(y.shape)
+    before = len(host.launches)
+    dx, dweight, dbias = conv.conv2d_backward(dy, cache, need_input_grad=need_input_grad, need_weight_grad=False)
+    assert dweight is None and dbias is None
+    launched = {entry for entry, _, _ in host.launches[before:]}
+    assert "im2col_nhwc_f64" not in launched                   # the patches are not rebuilt for a skipped dW
+    if need_input_grad:
+        assert_close(dx, F.conv2d_backward(dy, cache_ref)[0], "float64", "dx")
+    else:
+        assert dx is None

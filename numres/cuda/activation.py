@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numres.functional.activation as generic
 
+from .fallback import kernel_op
 from .runtime import check_extent, runtime_for, supports
 
 
@@ -43,6 +44,7 @@ def _usable(*arrays):
             and all(a.shape == first.shape and a.dtype == first.dtype for a in arrays))
 
 
+@kernel_op(generic.relu_forward)
 def relu_forward(x):
     """Kernel version of :func:`numres.functional.activation.relu_forward`: ``(y, y)``."""
     if not _usable(x):
@@ -51,6 +53,7 @@ def relu_forward(x):
     return y, y
 
 
+@kernel_op(generic.relu_backward)
 def relu_backward(dy, y):
     """Kernel version of :func:`numres.functional.activation.relu_backward`."""
     if not _usable(dy, y):
@@ -58,6 +61,7 @@ def relu_backward(dy, y):
     return _map("relu_backward_rows", dy, dy, y)
 
 
+@kernel_op(generic.add_relu_forward)
 def add_relu_forward(x, identity):
     """Kernel version of :func:`numres.functional.activation.add_relu_forward`."""
     if not _usable(x, identity):
@@ -65,6 +69,7 @@ def add_relu_forward(x, identity):
     return _map("add_relu_rows", x, x, identity)
 
 
+@kernel_op(generic.add)
 def add(a, b):
     """Kernel version of :func:`numres.functional.activation.add`."""
     if not _usable(a, b):

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numres.functional.batchnorm as generic
 
+from .fallback import kernel_op
 from .runtime import check_extent, map_shape, runtime_for, supports
 
 
@@ -79,6 +80,18 @@ def _lanes(rt, rows, channels):
     return grid[1] * block[1]
 
 
+def _usable(x, weight=None, bias=None, running_mean=None, running_var=None, *args, **kwargs):
+    """What the kernels take: 4-D input with elements, weight and bias both given or both None, and
+    running statistics both given or both None."""
+    return (getattr(x, "ndim", 0) == 4 and x.size > 0 and (weight is None) == (bias is None)
+            and (running_mean is None) == (running_var is None))
+
+
+def _eval_usable(x, weight=None, bias=None, running_mean=None, running_var=None, *args, **kwargs):
+    return _usable(x, weight, bias, running_mean, running_var) and running_mean is not None
+
+
+@kernel_op(generic.batchnorm_train_forward, usable=_usable)
 def batchnorm_train_forward(x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5, relu=False):
     """Kernel version of :func:`numres.functional.batchnorm.batchnorm_train_forward`."""
     if not supports(x):
@@ -113,6 +126,7 @@ def batchnorm_train_forward(x, weight, bias, running_mean, running_var, momentum
     return _apply(rt, x_rows, x.shape, mean, invstd, scale, bias, affine, relu, training=True)
 
 
+@kernel_op(generic.batchnorm_eval_forward, usable=_eval_usable)
 def batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps=1e-5, relu=False):
     """Kernel version of :func:`numres.functional.batchnorm.batchnorm_eval_forward`."""
     if not supports(x):
@@ -131,6 +145,7 @@ def batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps=1e-5,
     return _apply(rt, x_rows, x.shape, mean, invstd, scale, bias, affine, relu, training=False)
 
 
+@kernel_op(generic.batchnorm_backward, cache_type=KernelBatchNormCache)
 def batchnorm_backward(dy, cache):
     """Kernel version of :func:`numres.functional.batchnorm.batchnorm_backward`: ``(dx, dweight, dbias)``."""
     if not isinstance(cache, KernelBatchNormCache):

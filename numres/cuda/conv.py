@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numres.functional.conv as generic
 
+from .fallback import kernel_op
 from .runtime import check_extent, element_strides, runtime_for, supports
 
 
@@ -36,6 +37,12 @@ def _is_identity_patch(kernel, stride, padding):
     return kernel == (1, 1) and stride == (1, 1) and padding == (0, 0)
 
 
+def _has_images(x, *args, **kwargs):
+    """The kernels take 4-D input with at least one element (an empty batch goes to the generic op)."""
+    return getattr(x, "ndim", 0) == 4 and x.size > 0
+
+
+@kernel_op(generic.im2col, usable=_has_images)
 def im2col(x, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     """Kernel version of :func:`numres.functional.conv.im2col`: ``(cols, (OH, OW))``."""
     if not supports(x):
@@ -60,6 +67,11 @@ def im2col(x, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     return cols, out_hw
 
 
+def _col2im_usable(dcols, x_shape, *args, **kwargs):
+    return len(x_shape) == 4 and 0 not in tuple(x_shape) and dcols.size > 0
+
+
+@kernel_op(generic.col2im, usable=_col2im_usable)
 def col2im(dcols, x_shape, kernel, stride, padding, dilation, out_hw, groups=1):
     """Kernel version of :func:`numres.functional.conv.col2im` (gather form); dx is channels-last."""
     if not supports(dcols):
@@ -100,6 +112,11 @@ def _rows_of(y_nchw, xp):
     return nhwc.reshape(-1, y_nchw.shape[1])
 
 
+def _conv_usable(x, weight, *args, **kwargs):
+    return _has_images(x) and getattr(weight, "ndim", 0) == 4 and weight.size > 0
+
+
+@kernel_op(generic.conv2d_forward, usable=_conv_usable)
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """Kernel version of :func:`numres.functional.conv.conv2d_forward`; ``y`` is channels-last."""
     if not supports(x):
@@ -125,26 +142,30 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     return y.reshape(n, out_hw[0], out_hw[1], out_channels).transpose(0, 3, 1, 2), cache
 
 
-def conv2d_backward(dy, cache, need_input_grad=True):
-    """Kernel version of :func:`numres.functional.conv.conv2d_backward`: ``(dx, dweight, dbias)``."""
-    if not isinstance(cache, KernelConvCache):
-        return generic.conv2d_backward(dy, cache, need_input_grad)
+@kernel_op(generic.conv2d_backward, cache_type=KernelConvCache)
+def conv2d_backward(dy, cache, need_input_grad=True, need_weight_grad=True):
+    """Kernel version of :func:`numres.functional.conv.conv2d_backward`: ``(dx, dweight, dbias)``.
+
+    ``need_weight_grad=False`` (a frozen weight) skips the weight-gradient GEMM and returns
+    ``dweight`` None.
+    """
     xp = runtime_for(dy).xp
     groups = cache.groups
     out_channels, cg, kh, kw = cache.weight.shape
     dy_rows = _rows_of(dy, xp)                                             # (rows, O)
-    cols = cache.saved if cache.saved_is_cols else im2col(
-        cache.saved, cache.kernel, cache.stride, cache.padding, cache.dilation, groups)[0]
-
-    width = kh * kw * cg
-    if groups == 1:
-        dweight = xp.matmul(cols[0].T, dy_rows)                           # (kh*kw*Cg, O)
-    else:
-        dweight = xp.empty((width, groups, out_channels // groups), dtype=dy.dtype)
-        dy_groups = dy_rows.reshape(-1, groups, out_channels // groups).transpose(1, 0, 2)
-        xp.matmul(cols.transpose(0, 2, 1), dy_groups, out=dweight.transpose(1, 0, 2))
-    del cols                                                               # free the rebuilt patches early
-    dweight = dweight.reshape(kh, kw, cg, out_channels).transpose(3, 2, 0, 1)
+    dweight = None
+    if need_weight_grad:
+        cols = cache.saved if cache.saved_is_cols else im2col(
+            cache.saved, cache.kernel, cache.stride, cache.padding, cache.dilation, groups)[0]
+        width = kh * kw * cg
+        if groups == 1:
+            dweight = xp.matmul(cols[0].T, dy_rows)                       # (kh*kw*Cg, O)
+        else:
+            dweight = xp.empty((width, groups, out_channels // groups), dtype=dy.dtype)
+            dy_groups = dy_rows.reshape(-1, groups, out_channels // groups).transpose(1, 0, 2)
+            xp.matmul(cols.transpose(0, 2, 1), dy_groups, out=dweight.transpose(1, 0, 2))
+        del cols                                                           # free the rebuilt patches early
+        dweight = dweight.reshape(kh, kw, cg, out_channels).transpose(3, 2, 0, 1)
     dbias = dy_rows.sum(axis=0) if cache.has_bias else None
 
     dx = None

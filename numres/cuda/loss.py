@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numres.functional.loss as generic
 
+from .fallback import kernel_op
 from .runtime import check_extent, runtime_for, supports
 
 
@@ -18,9 +19,17 @@ class KernelCrossEntropyCache(tuple):
     """``(logits, lse, target, reduction, label_smoothing)``."""
 
 
+def _usable(logits, target, reduction="mean", label_smoothing=0.0, *args, **kwargs):
+    """Class-index targets for 2-D logits with at least one row, and a reduction the kernel knows."""
+    return (getattr(logits, "ndim", 0) == 2 and logits.shape[0] > 0 and logits.shape[1] > 0
+            and getattr(target, "ndim", -1) == 1 and getattr(target, "dtype", None) is not None
+            and target.dtype.kind in "iu" and reduction in generic.REDUCTIONS)
+
+
+@kernel_op(generic.cross_entropy_forward, usable=_usable)
 def cross_entropy_forward(logits, target, reduction="mean", label_smoothing=0.0):
     """Kernel version of :func:`numres.functional.loss.cross_entropy_forward`."""
-    if not supports(logits) or logits.ndim != 2 or logits.shape[0] == 0 or reduction not in generic.REDUCTIONS:
+    if not supports(logits):
         return generic.cross_entropy_forward(logits, target, reduction, label_smoothing)
     rt = runtime_for(logits)
     xp = rt.xp
@@ -42,6 +51,7 @@ def cross_entropy_forward(logits, target, reduction="mean", label_smoothing=0.0)
     return loss, KernelCrossEntropyCache((logits, lse, target, reduction, float(label_smoothing)))
 
 
+@kernel_op(generic.cross_entropy_backward, cache_type=KernelCrossEntropyCache)
 def cross_entropy_backward(dloss, cache):
     """Kernel version of :func:`numres.functional.loss.cross_entropy_backward`."""
     if not isinstance(cache, KernelCrossEntropyCache):

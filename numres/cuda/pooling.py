@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numres.functional.pooling as generic
 
+from .fallback import kernel_op
 from .runtime import check_extent, element_strides, runtime_for, supports
 
 
@@ -21,6 +22,11 @@ def _geometry_args(geometry):
     return (*geometry.kernel, *geometry.stride, *geometry.padding, *geometry.dilation, *geometry.out_hw)
 
 
+def _usable(x, *args, **kwargs):
+    return getattr(x, "ndim", 0) == 4 and x.size > 0
+
+
+@kernel_op(generic.maxpool2d_forward, usable=_usable)
 def maxpool2d_forward(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     """Kernel version of :func:`numres.functional.pooling.maxpool2d_forward`; ``y`` is channels-last."""
     if not supports(x):
@@ -38,6 +44,7 @@ def maxpool2d_forward(x, kernel_size, stride=None, padding=0, dilation=1, ceil_m
     return y.transpose(0, 3, 1, 2), KernelMaxPoolCache((argmax, tuple(x.shape), geometry))
 
 
+@kernel_op(generic.maxpool2d_backward, cache_type=KernelMaxPoolCache)
 def maxpool2d_backward(dy, cache):
     """Kernel version of :func:`numres.functional.pooling.maxpool2d_backward`; dx is channels-last."""
     if not isinstance(cache, KernelMaxPoolCache):
