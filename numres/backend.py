@@ -6,10 +6,15 @@ backends and checks dtypes.  Nothing else in the package imports CuPy.
 
 Backends are named by strings:
 
-* ``"numpy"`` - the CPU.
-* ``"cupy"``  - an NVIDIA GPU through CuPy.  Asking for it where CuPy is not
-  installed, or where no GPU can be used, raises :class:`BackendUnavailableError`
-  saying which of the two is missing.
+* ``"numpy"`` - the CPU; PyTorch's device name ``"cpu"`` is accepted as an alias.
+* ``"cupy"``  - an NVIDIA GPU through CuPy; ``"cuda"`` is an alias, and so is
+  ``"cuda:N"`` when N is CuPy's current device (numres computes on that one GPU).
+  Asking for it where CuPy is not installed, or where no GPU can be used, raises
+  :class:`BackendUnavailableError` saying which of the two is missing.
+
+Every function here that takes a backend accepts the aliases (and a ``torch.device``);
+:func:`normalize_backend` turns them into the canonical name, which is what modules
+store and what :func:`backend_of` returns.
 
 Extra backends (a test double of CuPy, for instance) can be added with
 :func:`register_backend`.
@@ -58,10 +63,59 @@ def register_backend(name: str, loader) -> None:
     _MODULES.pop(name, None)
 
 
+DEVICE_ALIASES = {"cpu": "numpy", "cuda": "cupy"}
+
+
+def _from_torch(value):
+    """``torch.device('cuda:0')`` -> ``'cuda:0'`` and ``torch.float64`` -> ``'float64'``; anything else unchanged.
+
+    Recognised by the type's module name, so numres never imports PyTorch for it."""
+    if type(value).__module__ == "torch":
+        return str(value).removeprefix("torch.")
+    return value
+
+
+def is_backend_name(name) -> bool:
+    """True when ``name`` names a backend or a device alias (it may still be unavailable here)."""
+    name = _from_torch(name)
+    return isinstance(name, str) and (name in _LOADERS or name in DEVICE_ALIASES or name.startswith("cuda:"))
+
+
+def normalize_backend(backend) -> str:
+    """The canonical backend name: ``"cpu"`` -> ``"numpy"``, ``"cuda"`` -> ``"cupy"``, others unchanged.
+
+    ``"cuda:N"`` is accepted for CuPy's current device only (numres runs on one GPU, the one
+    CuPy has selected), so it needs a usable CuPy; another index is a ValueError that says how
+    to select that GPU instead of silently computing on a different one.
+    """
+    name = _from_torch(backend)
+    if not isinstance(name, str):
+        raise TypeError(f"a backend is named by a string such as 'numpy', 'cupy', 'cpu' or 'cuda', "
+                        f"got {type(backend).__name__}")
+    if name in _LOADERS:
+        return name
+    if name in DEVICE_ALIASES:
+        return DEVICE_ALIASES[name]
+    if name.startswith("cuda:"):
+        index = name[len("cuda:"):]
+        if not index.isdigit():
+            raise ValueError(f"unknown device {name!r}; a GPU is named 'cuda' or 'cuda:N' with N a number")
+        cupy = get_xp("cupy")
+        current = cupy.cuda.Device().id
+        if int(index) != current:
+            raise ValueError(f"device {name!r}: numres computes on CuPy's current GPU, which is cuda:{current}; "
+                             f"select GPU {int(index)} first with cupy.cuda.Device({int(index)}).use(), "
+                             f"then use backend 'cuda'")
+        return "cupy"
+    choices = sorted(_LOADERS) + sorted(DEVICE_ALIASES)
+    raise ValueError(f"unknown backend {name!r}; choose one of {choices} ('cpu' and 'cuda' are aliases of "
+                     f"'numpy' and 'cupy')")
+
+
 def get_xp(backend: str = "numpy"):
-    """The array module for ``backend`` (``numpy`` or ``cupy``)."""
+    """The array module for ``backend`` (``numpy`` or ``cupy``, or an alias such as ``cpu``/``cuda``)."""
     if backend not in _LOADERS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(_LOADERS)}")
+        backend = normalize_backend(backend)
     if backend not in _MODULES:
         _MODULES[backend] = _LOADERS[backend]()
     return _MODULES[backend]
@@ -92,7 +146,15 @@ def xp_of(array):
 
 
 def normalize_dtype(dtype) -> np.dtype:
-    """``"float32"``/``"float64"`` (or the NumPy dtypes) as a ``np.dtype``; anything else is an error."""
+    """``"float32"``/``"float64"`` (or the NumPy dtypes, or ``torch.float32``/``torch.float64``) as a ``np.dtype``.
+
+    Anything else is a ValueError, and so is the string ``"float"``: NumPy reads it as float64
+    and PyTorch (``torch.float``) as float32, so numres asks which one was meant.
+    """
+    dtype = _from_torch(dtype)
+    if isinstance(dtype, str) and dtype == "float":
+        raise ValueError("dtype 'float' is ambiguous (NumPy reads it as float64, PyTorch as float32); "
+                         "say 'float32' or 'float64'")
     try:
         resolved = np.dtype(dtype)
     except TypeError:
@@ -132,5 +194,5 @@ def convert(array, backend: str, dtype=None):
 
 def synchronize(backend: str) -> None:
     """Wait for queued device work (a no-op on the CPU); benchmarks call it before reading a clock."""
-    if backend == "cupy":
+    if normalize_backend(backend) == "cupy":
         get_xp("cupy").cuda.get_current_stream().synchronize()

@@ -13,7 +13,7 @@ def f32(*shape, seed=0):
 def test_loss_with_reduction_none_needs_its_gradient():
     criterion = nr.nn.CrossEntropyLoss(reduction="none")
     criterion(f32(3, 4), np.array([0, 1, 2]))
-    with pytest.raises(RuntimeError, match=r"reduction='none'.*\(N,\)"):
+    with pytest.raises(RuntimeError, match=r"reduction='none'.*gradient"):
         criterion.backward()
     upstream = f32(3, seed=1)
     logits = torch.tensor(f32(3, 4), requires_grad=True)

@@ -2,14 +2,24 @@
 
 A :class:`Module` owns parameters, buffers and child modules, as in PyTorch, but
 there is no autograd: every module has a ``forward`` that saves what its gradient
-needs (its *cache*) and a ``backward(grad_output)`` that
+needs (its *cache*, through :meth:`Module.save_for_backward`) and a
+``backward(grad_output)`` that
 
-* accumulates ``param.grad`` for each of its parameters (``+=``, as PyTorch does), and
+* accumulates ``param.grad`` for each of its parameters (``+=``, as PyTorch does;
+  a frozen parameter, ``requires_grad=False``, gets none), and
 * returns the gradient with respect to its input.
 
-A container's backward calls its children's backward in reverse order.  Under
-:func:`no_grad`, forward keeps no cache (inference uses less memory) and backward
-is unavailable.
+A container's backward calls its children's backward in reverse order.
+
+**Caches live for one backward.**  When a module's backward has finished, its cache
+is freed, so memory falls as backward walks back through the network (a ResNet's
+saved activations go one block at a time).  A second backward without a new forward
+therefore raises a clear RuntimeError, as PyTorch's does, instead of adding the
+gradients twice.  ``model.backward(dy, retain_graph=True)`` keeps every cache
+(the flag holds for each module whose backward runs inside that call).
+
+Under :func:`no_grad`, forward keeps no cache (inference uses less memory) and
+backward is unavailable.
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ from .. import backend as B
 from ..functional.dispatch import ops_for
 
 _grad_enabled = True
+_retain_graph = False        # True while a backward(..., retain_graph=True) runs: no cache is freed
 
 
 @contextlib.contextmanager
@@ -67,6 +78,11 @@ class Parameter:
     def size(self):
         return self.data.size
 
+    def requires_grad_(self, requires_grad: bool = True):
+        """Freeze (False) or unfreeze (True) this parameter in place; returns it, as PyTorch's does."""
+        self.requires_grad = bool(requires_grad)
+        return self
+
     def accumulate_grad(self, gradient):
         """``grad += gradient``; the first gradient is adopted as it is (backward returns fresh arrays)."""
         if gradient is None or not self.requires_grad:
@@ -107,36 +123,84 @@ class HookHandle:
 
 
 def _backward_running_hooks(backward):
-    """Wrap a subclass's ``backward`` so its full backward hooks see (grad_input, grad_output).
+    """Wrap a subclass's ``backward`` with what every backward shares.
 
-    A subclass's backward that calls ``super().backward(...)`` is wrapped twice; only the
-    outermost call runs the hooks.
+    Around the layer's own code, the wrapper
+
+    1. checks the upstream gradient against the last output (backend, shape, dtype);
+    2. takes ``retain_graph`` off the arguments: when given, it holds for this module and for
+       every module whose backward runs inside this call (the children of a model);
+    3. feeds an unbatched ``(C, H, W)`` forward's gradient in as a batch of one;
+    4. frees the module's cache once its backward has succeeded, unless retained;
+    5. runs the full backward hooks, which may replace the input gradient.
+
+    A subclass's backward that calls ``super().backward(...)`` is wrapped twice; the inner
+    call only runs the layer code.
     """
 
     @functools.wraps(backward)
-    def backward_with_hooks(self, grad_output=None, *args, **kwargs):
-        outermost = not self.__dict__.get("_running_backward", False)
-        if outermost:
-            self.check_grad_output(grad_output)
-        self.__dict__["_running_backward"] = True
-        unbatched = outermost and self.__dict__.get("_unbatched", False)
+    def backward_with_hooks(self, grad_output=None, *args, retain_graph=None, **kwargs):
+        global _retain_graph
+        state = self.__dict__
+        if state.get("_running_backward", False):          # super().backward(...) inside a backward
+            return backward(self, grad_output, *args, **kwargs)
+        self.check_grad_output(grad_output)
+        outer_retain = _retain_graph
+        if retain_graph is not None:
+            _retain_graph = bool(retain_graph)
+        retain = _retain_graph
+        state["_running_backward"] = True
         try:
-            if unbatched:
+            if state.get("_unbatched", False):
                 grad_input = _drop_batch_dim(backward(self, _add_batch_dim(grad_output), *args, **kwargs))
             else:
                 grad_input = backward(self, grad_output, *args, **kwargs)
         finally:
-            if outermost:
-                self.__dict__["_running_backward"] = False
-        if outermost:
-            for hook in list(self._backward_hooks.values()):
-                replaced = hook(self, (grad_input,), (grad_output,))
-                if replaced is not None:
-                    grad_input = replaced[0]
+            state["_running_backward"] = False
+            _retain_graph = outer_retain
+        if not retain:
+            self._free_cache()
+        for hook in list(self._backward_hooks.values()):
+            replaced = hook(self, (grad_input,), (grad_output,))
+            if replaced is not None:
+                grad_input = replaced[0]
         return grad_input
 
     backward_with_hooks.runs_hooks = True
     return backward_with_hooks
+
+
+def _to_arguments(args, backend, device, dtype):
+    """Sort :meth:`Module.to`'s arguments into a canonical backend name and a ``np.dtype`` (either may be None)."""
+    if len(args) > 2:
+        raise TypeError(f"Module.to() takes at most a backend and a dtype, got {len(args)} positional arguments")
+    if backend is not None and device is not None:
+        raise TypeError("Module.to() got both backend= and device=; they are the same thing, give one")
+    backend = device if backend is None else backend
+    for arg in args:
+        if arg is None:
+            continue
+        if B.is_backend_name(arg):
+            if backend is not None:
+                raise TypeError(f"Module.to() got two backends, {backend!r} and {arg!r}")
+            backend = arg
+            continue
+        if isinstance(arg, str) and not _names_a_dtype(arg):
+            raise ValueError(f"Module.to() got {arg!r}, which is neither a backend ('numpy', 'cupy', or the "
+                             f"device names 'cpu', 'cuda') nor a dtype ('float32', 'float64')")
+        if dtype is not None:
+            raise TypeError(f"Module.to() got two dtypes, {dtype!r} and {arg!r}")
+        dtype = arg
+    return (None if backend is None else B.normalize_backend(backend),
+            None if dtype is None else B.normalize_dtype(dtype))
+
+
+def _names_a_dtype(text: str) -> bool:
+    try:
+        np.dtype(text)
+    except TypeError:
+        return False
+    return True
 
 
 def _add_batch_dim(value):
@@ -161,14 +225,21 @@ class Module:
     as attributes; the assignments are recorded in order, which fixes the names and
     order of :meth:`named_parameters` and :meth:`state_dict`.
 
+    ``backend`` is ``"numpy"`` or ``"cupy"``; PyTorch's device names ``"cpu"`` and ``"cuda"``
+    are accepted as aliases and stored as the canonical name.
+
     A 2-D layer that sets ``accepts_unbatched = True`` also takes an unbatched ``(C, H, W)``
     input, as PyTorch's do: ``__call__`` runs it as a batch of one and drops the batch axis
     from the output, and ``backward`` does the same with the gradient.
+
+    A subclass's ``backward`` is wrapped automatically (see :func:`_backward_running_hooks`):
+    it accepts ``retain_graph=True``, frees the cache when done, and runs backward hooks.
     """
 
     accepts_unbatched = False
 
     def __init__(self, *, backend: str = "numpy", dtype="float32"):
+        backend = B.normalize_backend(backend)
         B.get_xp(backend)    # fail now, with a clear message, if the backend is unusable
         d = self.__dict__
         d["_parameters"] = OrderedDict()
@@ -181,6 +252,7 @@ class Module:
         d["dtype"] = B.normalize_dtype(dtype)
         d["training"] = True
         d["_cache"] = None
+        d["_cache_freed"] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -267,16 +339,27 @@ class Module:
                             f"but its output had dtype {dtype}")
 
     def save_for_backward(self, cache):
-        """Keep ``cache`` for backward, unless gradients are disabled."""
-        self._cache = cache if _grad_enabled else None
+        """Keep ``cache`` for the next backward, unless gradients are disabled."""
+        self.__dict__["_cache"] = cache if _grad_enabled else None
+        self.__dict__["_cache_freed"] = False
 
     def saved_cache(self):
-        """The cache of the last forward; a clear error when there is none."""
+        """The cache of the last forward; a clear error when there is none (never run, or already used)."""
         if self._cache is None:
+            if self._cache_freed:
+                raise RuntimeError(
+                    f"{type(self).__name__}.backward() called a second time after its saved cache was freed; "
+                    f"run forward again, or pass retain_graph=True to the first backward")
             raise RuntimeError(
                 f"{type(self).__name__}.backward() called before forward() "
-                f"(or the forward ran under numres.no_grad())")
+                f"(or the forward ran under numres.no_grad(), or the module was moved with .to() since)")
         return self._cache
+
+    def _free_cache(self):
+        """Let the last forward's cache go (called when this module's backward is done)."""
+        if self._cache is not None:
+            self.__dict__["_cache"] = None
+            self.__dict__["_cache_freed"] = True
 
     def check_input(self, x, ndim=4, channels=None, what="input"):
         """Raise a clear error when ``x`` has the wrong backend, dtype, rank or channel count."""
@@ -394,11 +477,40 @@ class Module:
             else:
                 param.grad[...] = 0
 
-    def to(self, backend: str | None = None, dtype=None):
-        """Move every parameter, gradient and buffer to ``backend`` and/or ``dtype``, in place; keeps memory layout."""
+    def requires_grad_(self, requires_grad: bool = True):
+        """Freeze (False) or unfreeze (True) every parameter of this module and its children; returns self.
+
+        A frozen parameter gets no gradient (its layer skips the weight-gradient GEMM) and
+        optimizers leave it alone; it is still listed by :meth:`parameters` and saved in the
+        state dict, as in PyTorch.  Fine-tuning a classifier only::
+
+            model.requires_grad_(False); model.fc.requires_grad_(True)
+        """
+        for param in self.parameters():
+            param.requires_grad = bool(requires_grad)
+        return self
+
+    # --- backend and dtype ------------------------------------------------------------------------
+
+    def to(self, *args, backend=None, dtype=None, device=None):
+        """Move every parameter, gradient and buffer to a backend and/or dtype, in place; returns self.
+
+        As PyTorch's ``Module.to``, it takes a backend (or device) and a dtype, positionally
+        or by keyword, each optional::
+
+            model.to("cupy"); model.to("cuda"); model.to(device="cpu")      # "cpu"/"cuda": numpy/cupy
+            model.to("float64"); model.to(np.float64); model.to(dtype="float32")
+            model.to("cuda", "float32")
+
+        A positional string is a backend when it names one (``numpy``, ``cupy``, ``cpu``, ``cuda``,
+        ``cuda:N``), otherwise a dtype; ``float32`` and ``float64`` are the dtypes numres computes in
+        (``torch.float64`` and ``torch.device`` work too).  Memory layout is kept (channels-last
+        weights stay so); integer buffers (``num_batches_tracked``) keep their dtype; caches of an
+        earlier forward are dropped.
+        """
+        backend, dtype = _to_arguments(args, backend, device, dtype)
         backend = backend or self.backend
         B.get_xp(backend)
-        dtype = B.normalize_dtype(dtype) if dtype is not None else None
         for module in self.modules():
             target_dtype = dtype or module.dtype
             for param in module._parameters.values():
@@ -412,7 +524,27 @@ class Module:
             module.__dict__["backend"] = backend
             module.__dict__["dtype"] = target_dtype
             module.__dict__["_cache"] = None
+            module.__dict__["_cache_freed"] = False
         return self
+
+    def cpu(self):
+        """``to("numpy")``, under PyTorch's name."""
+        return self.to("numpy")
+
+    def cuda(self, device=None):
+        """``to("cupy")``, under PyTorch's name; ``device`` (an index or ``"cuda:N"``) must be CuPy's current GPU.
+
+        Where CuPy or a GPU is missing this raises :class:`numres.backend.BackendUnavailableError`.
+        """
+        return self.to("cuda" if device is None else f"cuda:{device}" if isinstance(device, int) else device)
+
+    def float(self):
+        """``to(dtype="float32")``, under PyTorch's name."""
+        return self.to(dtype="float32")
+
+    def double(self):
+        """``to(dtype="float64")``, under PyTorch's name."""
+        return self.to(dtype="float64")
 
     # --- state ------------------------------------------------------------------------------------
 
