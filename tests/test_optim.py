@@ -164,3 +164,86 @@ def test_zero_grad():
     np.testing.assert_array_equal(param.grad, np.zeros(3))
     opt.zero_grad()
     assert param.grad is None
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(lr=float("nan")), "learning rate: nan"), (dict(lr=float("inf")), "learning rate: inf"),
+    (dict(lr=-0.1), "learning rate: -0.1"), (dict(momentum=float("nan")), "momentum value: nan"),
+    (dict(momentum=-0.9), "momentum value: -0.9"), (dict(weight_decay=float("-inf")), "weight_decay value: -inf"),
+    (dict(weight_decay=-1e-4), "weight_decay value: -0.0001"), (dict(dampening=float("nan")), "dampening value: nan"),
+])
+def test_sgd_refuses_non_finite_and_negative_hyper_parameters(bad, match):
+    """Issue 9 item 5: NaN, infinities and negatives are refused up front, naming the value (PyTorch
+    refuses the negatives but accepts NaN); a group's own options are checked too."""
+    params = [nr.nn.Parameter(np.zeros(3))]
+    with pytest.raises(ValueError, match=match):
+        nr.optim.SGD(params, **{"lr": 0.1, **bad})
+    with pytest.raises(ValueError, match=match):
+        nr.optim.SGD([{"params": params, **bad}], lr=0.1)
+    with pytest.raises(TypeError, match="must be a number"):
+        nr.optim.SGD(params, lr="0.1")
+
+
+def test_parameters_in_two_groups_are_refused():
+    param = nr.nn.Parameter(np.zeros(3))
+    with pytest.raises(ValueError, match="more than once"):
+        nr.optim.SGD([{"params": [param]}, {"params": [param]}], lr=0.1)
+
+
+def _optimizer_pairs():
+    return {"SGD": (nr.optim.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+            "Adam": (nr.optim.Adam, torch.optim.Adam, dict(lr=0.1, weight_decay=0.1, amsgrad=True)),
+            "AdamW": (nr.optim.AdamW, torch.optim.AdamW, dict(lr=0.1, weight_decay=0.1))}
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_frozen_parameters_and_missing_gradients_are_skipped(name):
+    """Issue 9 item 11: ``requires_grad = False`` (even with a stale gradient) and ``grad is None``
+    leave a parameter and its state alone, weight decay included; the others step as in PyTorch."""
+    ours_cls, torch_cls, kwargs = _optimizer_pairs()[name]
+    rng = np.random.default_rng(31)
+    arrays = [rng.standard_normal(shape) for shape in [(4, 3), (5,), (2, 2, 3)]]
+    ours = [nr.nn.Parameter(a.copy()) for a in arrays]
+    theirs = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in arrays]
+    ours[0].requires_grad = False
+    theirs[0].requires_grad_(False)
+    opt_ours, opt_theirs = ours_cls(ours, **kwargs), torch_cls(theirs, **kwargs)
+    for step in range(3):
+        ours[0].grad = rng.standard_normal((4, 3))          # a stale gradient on the frozen parameter
+        g = rng.standard_normal((2, 2, 3))
+        ours[2].grad, theirs[2].grad = g, torch.from_numpy(g.copy())
+        ours[1].grad = theirs[1].grad = None                # took no part in this backward
+        if step == 0:
+            g = rng.standard_normal(5)
+            ours[1].grad, theirs[1].grad = g, torch.from_numpy(g.copy())
+        opt_ours.step()
+        opt_theirs.step()
+        for index, (a, b) in enumerate(zip(ours, theirs)):
+            assert_close(a.data, b, "float64", f"param {index} after step {step + 1}")
+    np.testing.assert_array_equal(ours[0].data, arrays[0])
+    assert 0 not in opt_ours.state_dict()["state"]
+
+
+def test_fine_tuning_only_fc_of_a_resnet18_moves_nothing_else():
+    """The fine-tuning recipe: freeze the backbone, train ``fc`` (with weight decay): only fc moves,
+    and the optimizer keeps state for fc alone."""
+    nr.manual_seed(5)
+    model = nr.resnet18(num_classes=7, dtype="float64")
+    model.requires_grad_(False)
+    model.fc.requires_grad_(True)
+    before = {name: p.data.copy() for name, p in model.named_parameters()}
+    opt = nr.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    crit = nr.nn.CrossEntropyLoss(dtype="float64")
+    rng = np.random.default_rng(32)
+    model.eval()                                            # keep BN statistics fixed too
+    for _ in range(2):
+        opt.zero_grad()
+        crit(model(rng.standard_normal((2, 3, 32, 32))), rng.integers(0, 7, 2))
+        model.backward(crit.backward())
+        opt.step()
+    for name, p in model.named_parameters():
+        if name.startswith("fc."):
+            assert np.abs(p.data - before[name]).max() > 1e-4, name
+        else:
+            np.testing.assert_array_equal(p.data, before[name], err_msg=name)
+    assert sorted(opt.state_dict()["state"]) == [len(before) - 2, len(before) - 1]

@@ -8,39 +8,43 @@ For each parameter ``p`` with gradient ``g``::
     g = g + momentum * buf  if nesterov  else  buf
     p = p - lr * g
 
+Parameters that are frozen (``requires_grad = False``) or have no gradient are skipped.
 All updates happen in place on the parameter's own array, on its own backend.  On the CPU
 the three arrays (parameter, gradient, buffer) are walked together in cache-sized tiles on
 all cores, so each crosses memory once per step.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import backend as B
 from ..parallel import map_tiles
-from .optimizer import Optimizer
+from .optimizer import Optimizer, check_number
 
 
 class SGD(Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  maximize=False):
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults)
 
+    def check_hyperparameters(self, options):
+        """lr, momentum and weight_decay finite and >= 0, dampening finite (PyTorch allows any); nesterov
+        needs a momentum and no dampening."""
+        check_number("lr", options["lr"], what="learning rate")
+        check_number("momentum", options["momentum"], what="momentum value")
+        check_number("dampening", options["dampening"], low=-math.inf, what="dampening value")
+        check_number("weight_decay", options["weight_decay"], what="weight_decay value")
+        if options["nesterov"] and (options["momentum"] <= 0 or options["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
     def step(self):
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update(param, group)
+            for param in self.parameters_to_update(group):
+                self._update(param, group)
 
     def _update(self, param, group):
         momentum = group["momentum"]
