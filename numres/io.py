@@ -7,13 +7,21 @@ strings, None) is described by a JSON manifest stored beside them.  Loading uses
 
 Files are written atomically: into a temporary file in the target directory,
 flushed to disk, then renamed over the destination.  A crash mid-write leaves the
-old file intact.
+old file intact.  The file gets the permissions a plain ``open(path, "w")`` would
+give it: a new file ``0666`` less the umask (``0644`` under the usual umask 022),
+a replaced file keeps its mode.
+
+:func:`load` reads only files it can read without running code, and says what a
+file is when it is not a numres file (empty, text, a single ``.npy`` array, a
+PyTorch checkpoint, a damaged zip, an ``.npz`` of pickled objects).
 """
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
+import warnings
 import zipfile
 
 import numpy as np
@@ -22,6 +30,9 @@ from . import backend as B
 
 MANIFEST = "__numres_manifest__"
 FORMAT_VERSION = 1
+EXPECTED = "numres expected a NumPy .npz archive (a zip of .npy arrays) written by numres.save"
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")          # a zip's first entry, or an empty zip's end record
+NPY_MAGIC = b"\x93NUMPY"
 
 
 class CheckpointError(ValueError):
@@ -68,8 +79,34 @@ def _decode(node, arrays):
     raise CheckpointError(f"unknown entry kind {kind!r} in manifest")
 
 
+def _current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``/proc``), else set and restored."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path) -> int:
+    """The permission bits ``open(path, "w")`` would leave: an existing file's own, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_current_umask()
+
+
 def atomic_write(path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place.
+
+    ``mkstemp`` creates the temporary file with mode 0600; before the rename it gets the mode a
+    plain ``open(path, "w")`` would give (see :func:`_mode_for`), so readers see the usual 0644.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -79,6 +116,7 @@ def atomic_write(path, write) -> None:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, _mode_for(path))
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -87,31 +125,105 @@ def atomic_write(path, write) -> None:
 
 
 def save(obj, path) -> None:
-    """Write ``obj`` (a state dict, or nested dicts/lists of arrays and plain values) to ``path`` atomically."""
+    """Write ``obj`` (a state dict, or nested dicts/lists of arrays and plain values) to ``path`` atomically.
+
+    The file is always a NumPy ``.npz`` archive, whatever its name: read it with :func:`load`
+    (or ``numpy.load``), not with ``torch.load``.  A name that does not end in ``.npz``
+    (``model.pth``, say) is written as asked, with a :class:`UserWarning` that says what the
+    file is; it is not refused, because the name is the caller's choice and :func:`load` and
+    :func:`load_weights` recognise the file by its content, not its name.
+    """
+    name = os.fspath(path)
+    if not name.lower().endswith(".npz"):
+        warnings.warn(f"numres.save writes a NumPy .npz archive; {name!r} will hold one under a "
+                      f"{os.path.splitext(name)[1] or 'suffix-less'} name (read it with numres.load, "
+                      f"not torch.load); name it '.npz' to say what it is", UserWarning, stacklevel=2)
     arrays = {}
     manifest = {"format": "numres", "version": FORMAT_VERSION, "root": _encode(obj, arrays)}
     arrays[MANIFEST] = np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8)
     atomic_write(path, lambda stream: np.savez(stream, **arrays))
 
 
+def _not_numres(path, reason) -> CheckpointError:
+    return CheckpointError(f"{path} is not a numres file: {reason}; {EXPECTED}")
+
+
+def _read_archive(path) -> dict:
+    """Every member of the ``.npz`` at ``path`` as an array, or a CheckpointError that says what the file is."""
+    with open(path, "rb") as stream:
+        head = stream.read(8)
+    if not head:
+        raise _not_numres(path, "it is empty (0 bytes)")
+    if head.startswith(NPY_MAGIC):
+        raise _not_numres(path, "it is a single NumPy .npy array (numpy.save), not an .npz archive; "
+                                "read it with numpy.load")
+    if not head.startswith(ZIP_MAGIC):
+        kind = "text" if _looks_like_text(path) else f"data starting with bytes {head!r}"
+        raise _not_numres(path, f"it holds {kind}, not a zip archive")
+    try:
+        if is_torch_checkpoint(path):
+            raise _not_numres(path, "it is a PyTorch checkpoint (torch.save); load model weights from it with "
+                                    "numres.io.load_weights or a model builder's weights= argument")
+        with np.load(path, allow_pickle=False) as archive:
+            others = [name for name in archive.zip.namelist() if not name.endswith(".npy")]
+            if others:
+                raise _not_numres(path, f"it is a zip archive with members that are not .npy arrays "
+                                        f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})")
+            arrays = {}
+            for name in archive.files:
+                try:
+                    arrays[name] = archive[name]
+                except ValueError as exc:
+                    if "allow_pickle" not in str(exc):
+                        raise
+                    raise _not_numres(path, f"member {name!r} is an array of Python objects, stored with pickle, "
+                                            f"which numres never loads (it can run code)") from None
+            return arrays
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is a damaged zip archive (truncated, or cut off while being written?), "
+                              f"not a readable numres file: {exc}; {EXPECTED}") from exc
+
+
+def _looks_like_text(path) -> bool:
+    with open(path, "rb") as stream:
+        sample = stream.read(4096)
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in sample
+
+
 def load(path):
-    """Read a file written by :func:`save` (or any pickle-free ``.npz``, returned as a dict of arrays)."""
+    """Read a file written by :func:`save` (or any pickle-free ``.npz``, returned as a dict of arrays).
+
+    Anything else raises :class:`CheckpointError` naming what the file seems to be and what was
+    expected; nothing in the file is ever unpickled.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such checkpoint: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable .npz file (truncated or another format?): {exc}") from exc
-    except ValueError as exc:
-        raise CheckpointError(f"{path} holds data that needs pickle, which numres refuses to load: {exc}") from exc
+    arrays = _read_archive(path)
     if MANIFEST not in arrays:
         return arrays
-    manifest = json.loads(arrays.pop(MANIFEST).tobytes().decode("utf-8"))
-    if manifest.get("format") != "numres" or manifest.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported numres file version {manifest.get('version')}")
-    return _decode(manifest["root"], arrays)
+    try:
+        manifest = json.loads(arrays.pop(MANIFEST).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: its numres manifest is damaged ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "numres" or "root" not in manifest:
+        raise CheckpointError(f"{path}: its numres manifest is not one numres wrote")
+    if manifest.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: numres file version {manifest.get('version')} is newer than this numres "
+                              f"reads (version {FORMAT_VERSION}); upgrade numres")
+    try:
+        return _decode(manifest["root"], arrays)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: its numres manifest does not match the arrays stored with it "
+                              f"({type(exc).__name__}: {exc})") from None
 
 
 def is_torch_checkpoint(path) -> bool:
@@ -127,7 +239,9 @@ def load_weights(path) -> dict:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such weights file: {path}")
-    if is_torch_checkpoint(path) or path.endswith((".pth", ".pt")):
+    # By content first: numres.save may have written an .npz under a .pth name (it warns).  A .pth/.pt
+    # file that is not a zip at all is left to the PyTorch reader, which explains the legacy format.
+    if is_torch_checkpoint(path) or (path.endswith((".pth", ".pt")) and not zipfile.is_zipfile(path)):
         from .torch_checkpoint import load_torch_checkpoint
         state = load_torch_checkpoint(path)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

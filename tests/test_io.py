@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
+import stat
+import warnings
 import zipfile
 
 import numpy as np
@@ -142,9 +145,111 @@ def test_pickled_object_array_is_refused(tmp_path):
     path = tmp_path / "evil.npz"
     np.savez(path, weights=np.ones(2), evil=np.array([_Payload()], dtype=object))
     assert zipfile.is_zipfile(path)
-    with pytest.raises(nio.CheckpointError, match="pickle"):
+    with pytest.raises(nio.CheckpointError, match="not a numres file: member 'evil' is an array of Python "
+                                                  "objects, stored with pickle") as raised:
         nr.load(path)
+    assert "allow_pickle" not in str(raised.value)
     assert not (tmp_path / "pwned").exists()
+
+
+def _write_random_bytes(path):
+    path.write_bytes(np.random.default_rng(5).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+
+def _write_nothing(path):
+    path.write_bytes(b"")
+
+
+def _write_text(path):
+    path.write_text("epoch,loss\n1,0.5\n")
+
+
+def _write_npy(path):
+    with open(path, "wb") as stream:
+        np.save(stream, np.arange(3))
+
+
+def _write_torch_checkpoint(path):
+    torch = pytest.importorskip("torch")
+    torch.save({"w": torch.zeros(2)}, path)
+
+
+@pytest.mark.parametrize("write, what", [
+    (_write_random_bytes, "it holds data starting with bytes"),
+    (_write_nothing, r"it is empty \(0 bytes\)"),
+    (_write_text, "it holds text, not a zip archive"),
+    (_write_npy, r"single NumPy \.npy array"),
+    (_write_torch_checkpoint, "PyTorch checkpoint"),
+])
+def test_a_file_that_is_not_a_numres_file_is_named_as_such(tmp_path, write, what):
+    """The error says the file is not a numres file, what it seems to be, and what numres expected;
+    never the misleading advice about pickle that np.load gives."""
+    path = tmp_path / "weights.npz"
+    write(path)
+    with pytest.raises(nio.CheckpointError) as raised:
+        nr.load(path)
+    message = str(raised.value)
+    assert f"{path} is not a numres file" in message
+    assert re.search(what, message), message
+    assert "expected a NumPy .npz archive (a zip of .npy arrays) written by numres.save" in message
+    assert "pickle" not in message
+
+
+@pytest.mark.parametrize("name", ["model.pth", "model.pt", "checkpoint", "model.NPZ.bak"])
+def test_saving_under_another_suffix_warns_and_says_what_the_file_is(tmp_path, name):
+    state = tiny_model().state_dict()
+    with pytest.warns(UserWarning, match=r"writes a NumPy \.npz archive.*numres\.load, not torch\.load"):
+        nr.save(state, tmp_path / name)
+    loaded = nr.load(tmp_path / name)                          # recognised by content, not name
+    assert all(np.array_equal(loaded[k], nr.to_numpy(v)) for k, v in state.items())
+
+
+def test_npz_saved_as_pth_loads_as_weights(tmp_path):
+    model = tiny_model()
+    with pytest.warns(UserWarning):
+        nr.save(model.state_dict(), tmp_path / "model.pth")
+    state = nio.load_weights(tmp_path / "model.pth")           # not sent to the PyTorch reader
+    assert all(np.array_equal(state[k], nr.to_numpy(v)) for k, v in model.state_dict().items())
+
+
+def test_npz_suffix_does_not_warn(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nr.save({"w": np.zeros(2)}, tmp_path / "model.npz")
+        nr.save({"w": np.zeros(2)}, tmp_path / "upper.NPZ")
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and restore it afterwards."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+    yield lambda mask: os.umask(mask)
+    os.umask(previous)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_honour_the_umask(tmp_path, umask, mask, expected):
+    """mkstemp makes 0600 files; the renamed file must have 0666 & ~umask, as open(path, "w") gives."""
+    umask(mask)
+    nr.save({"w": np.zeros(2)}, tmp_path / "model.npz")
+    nio.atomic_write(tmp_path / "metrics.csv", lambda stream: stream.write(b"epoch\n"))
+    with open(tmp_path / "plain.txt", "w"):                     # what any other program would get
+        pass
+    for name in ("model.npz", "metrics.csv", "plain.txt"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == expected, name
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_replacing_a_file_keeps_its_mode(tmp_path, umask):
+    umask(0o022)
+    path = tmp_path / "model.npz"
+    nr.save({"w": np.zeros(2)}, path)
+    os.chmod(path, 0o640)
+    nr.save({"w": np.ones(2)}, path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert np.array_equal(nr.load(path)["w"], np.ones(2))
 
 
 def test_plain_npz_loads_as_a_dict(tmp_path):
