@@ -12,7 +12,7 @@ import os as _os
 # It only takes effect when numres is imported before NumPy loads OpenBLAS; the user's setting wins.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from . import allocator, backend, data, functional, init, nn, optim, parallel, study  # noqa: E402
+from . import allocator, backend, data, distributed, functional, init, nn, optim, parallel, study  # noqa: E402
 from .backend import to_numpy  # noqa: E402
 from .gradcheck import GradcheckResult, gradcheck  # noqa: E402
 from .init import manual_seed  # noqa: E402
@@ -26,7 +26,7 @@ from .torch_checkpoint import load_torch_checkpoint  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["allocator", "backend", "data", "functional", "init", "nn", "optim", "parallel", "study",
+__all__ = ["allocator", "backend", "data", "distributed", "functional", "init", "nn", "optim", "parallel", "study",
            "to_numpy", "gradcheck", "GradcheckResult", "manual_seed", "save", "load", "load_weights",
            "load_torch_checkpoint", "summarize", "no_grad",
            "ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",

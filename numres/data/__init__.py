@@ -15,6 +15,7 @@ eighth of the image) and **no** flip: a mirrored 2, 3, 4, 5, 6, 7 or 9 is not th
 from .cifar import CifarFormatError, load_cifar10
 from .digits import load_digits
 from .loader import DataLoader, ImageDataset
+from .sampler import DistributedEvalSampler, DistributedSampler, shard
 
 DATASETS = ("digits", "cifar10")
 AUGMENTATION = {"digits": dict(crop_padding=1, flip=False), "cifar10": dict(crop_padding=4, flip=True)}
@@ -36,4 +37,5 @@ def load_dataset(name: str, split: str = "train", data_dir=None) -> ImageDataset
 
 
 __all__ = ["DATASETS", "AUGMENTATION", "load_dataset", "load_digits", "load_cifar10", "CifarFormatError",
-           "DataLoader", "ImageDataset"]
+           "DataLoader", "ImageDataset", "DistributedSampler",
+           "DistributedEvalSampler", "shard"]
