@@ -5,7 +5,8 @@ Residual join::   y = max(x + identity, 0)       dx = d(identity) = dy * [y > 0]
 
 The ReLU mask is read from the *output*, which the next layer keeps anyway, so
 nothing extra is saved.  (PyTorch also gives x = 0 a zero gradient.)  The work
-runs in cache-sized tiles on all cores (:mod:`numres.parallel`).
+runs in cache-sized tiles on all cores (:mod:`numres.parallel`).  Any shape works,
+empty ones (N = 0) included.
 """
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from .layout import as_rows, rows_like
 
 
 def _rowwise(fill, template, *operands):
-    """Allocate rows shaped like ``template`` and ``fill(out_tile, *operand_tiles)`` tile by tile."""
+    """Allocate rows shaped like ``template`` and ``fill(out_tile, *operand_tiles)`` tile by tile
+    (an empty ``template``, such as an empty batch, gives an empty result: there is nothing to fill)."""
     xp = xp_of(template)
+    if template.size == 0:
+        return xp.empty_like(template)
     rows = [as_rows(operand) for operand in operands]
     out = xp.empty_like(rows[0])
     map_tiles(lambda tile: fill(out[tile], *(r[tile] for r in rows)), out.shape[0], out.shape[1], xp)

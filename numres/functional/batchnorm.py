@@ -17,6 +17,18 @@ Backward, with ``g = dy * [y > 0]`` when the ReLU is fused (else ``g = dy``)::
     train:  dx = weight / sqrt(var + eps) * (g - dbias / m - xhat * dweight / m)
     eval:   dx = weight / sqrt(running_var + eps) * g
 
+In training mode ``dx`` needs the two sums whether or not the parameters learn (they are the
+sums of ``g`` and ``g * xhat``, which carry the gradient through the batch statistics), so a
+frozen layer saves only their return; in evaluation mode a frozen layer
+(``need_param_grads=False``) skips the reduction pass altogether.
+
+``weight`` and ``bias`` may each be None: no weight is a weight of ones (PyTorch's
+``affine=False``), no bias a bias of zeros (``bias=False``); a missing one gets no gradient.
+
+Empty input (``m = 0``: N, H or W is 0), as in PyTorch: the output and ``dx`` are empty, the
+parameter gradients are zeros and the running statistics are left alone.  Training mode refuses
+exactly one value per channel (its variance would be 0 / 0 in the unbiased update).
+
 Implementation.  The channel axis is made the last one, so the data is an
 ``(m, C)`` matrix of rows (free for channels-last input).  Rows are processed in
 cache-sized tiles on all cores (:mod:`numres.parallel`), and each per-channel
@@ -60,15 +72,17 @@ class BatchNormCache(NamedTuple):
     shape: tuple       # the input's (N, C, H, W)
     mean: object       # statistics used for normalising (batch or running), (C,)
     invstd: object     # 1 / sqrt(var + eps), (C,)
-    weight: object     # (C,), ones when affine=False
-    bias: object       # (C,), zeros when affine=False
-    affine: bool
+    weight: object     # (C,), ones when there is no weight (affine=False)
+    bias: object       # (C,), zeros when there is no bias (affine=False or bias=False)
+    affine: bool       # the layer has a weight (and so a weight gradient)
     relu: bool
     training: bool
+    has_bias: bool     # the layer has a bias (and so a bias gradient)
 
 
 def _tile_rows(rows):
-    return tiles(rows.shape[0], rows.shape[1])[0].stop
+    """Rows per tile (at least 1, also for an empty input, so the per-channel tiles can be built)."""
+    return tiles(max(1, rows.shape[0]), rows.shape[1])[0].stop
 
 
 def _moments(rows):
@@ -93,9 +107,10 @@ def _normalise(rows, shape, mean, var, weight, bias, eps, relu, training):
     """``y = x * scale + shift`` (+ ReLU) with ``scale = weight / sqrt(var + eps)`` and
     ``shift = bias - mean * scale``, written tile by tile."""
     xp = xp_of(rows)
-    affine = weight is not None
+    affine, has_bias = weight is not None, bias is not None
     if not affine:
         weight = xp.ones(rows.shape[1], dtype=rows.dtype)
+    if not has_bias:
         bias = xp.zeros(rows.shape[1], dtype=rows.dtype)
     invstd = (1.0 / xp.sqrt(var + eps)).astype(rows.dtype)
     mean = mean.astype(rows.dtype)
@@ -113,7 +128,7 @@ def _normalise(rows, shape, mean, var, weight, bias, eps, relu, training):
 
     map_tiles(tile_normalise, rows.shape[0], rows.shape[1], xp)
     cache = BatchNormCache(rows, y if relu else None, tuple(shape), mean, invstd, weight, bias, affine, relu,
-                           training)
+                           training, has_bias)
     return rows_as_nchw(y, shape), cache
 
 
@@ -123,12 +138,17 @@ def batchnorm_train_forward(x, weight, bias, running_mean, running_var, momentum
     ``momentum`` is the weight of the new batch; PyTorch's ``momentum=None`` (a cumulative average)
     is handled by the caller passing ``1 / num_batches_tracked``.
     """
-    count = x.size // x.shape[1]
-    if count < 2:
+    n, channels, h, w = x.shape
+    count = n * h * w
+    if count == 1:
         raise ValueError(
             f"BatchNorm2d in training mode needs more than 1 value per channel, got input of shape "
             f"{tuple(x.shape)}")
     rows = channel_rows(x)
+    if count == 0:                   # nothing to normalise and no statistics: the running ones stay
+        xp = xp_of(x)
+        zeros = xp.zeros(channels, dtype=x.dtype)
+        return _normalise(rows, x.shape, zeros, zeros, weight, bias, eps, relu, training=True)
     mean, var = _moments(rows)
     if running_mean is not None:
         running_mean *= 1.0 - momentum
@@ -144,8 +164,9 @@ def batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps=1e-5,
                       training=False)
 
 
-def batchnorm_backward(dy, cache: BatchNormCache):
-    """``(dx, dweight, dbias)``; the parameter gradients are None when the layer has no affine part.
+def batchnorm_backward(dy, cache: BatchNormCache, *, need_param_grads=True):
+    """``(dx, dweight, dbias)``; a parameter gradient is None when the layer lacks that parameter,
+    and both are None with ``need_param_grads=False`` (frozen parameters; ``dx`` is unchanged).
 
     Both passes work on ``x`` directly rather than on ``xhat = (x - mean) * invstd``::
 
@@ -158,6 +179,16 @@ def batchnorm_backward(dy, cache: BatchNormCache):
     dy_rows = channel_rows(dy)
     tile_rows = _tile_rows(cache.rows)
 
+    def gradients(dx, dweight, dbias):
+        dx = rows_as_nchw(dx, cache.shape)
+        if not need_param_grads:
+            return dx, None, None
+        return dx, dweight if cache.affine else None, dbias if cache.has_bias else None
+
+    if count == 0:                   # empty input: empty dx, and sums over nothing are zeros
+        zeros = xp.zeros(channels, dtype=dy.dtype)
+        return gradients(xp.empty_like(cache.rows), zeros, zeros.copy())
+
     def masked_gradient(tile):
         """``g``: the upstream gradient of one tile, through the ReLU mask when it is fused."""
         if cache.relu:
@@ -168,9 +199,12 @@ def batchnorm_backward(dy, cache: BatchNormCache):
         g = masked_gradient(tile)
         return g.sum(axis=0), (g * cache.rows[tile]).sum(axis=0)
 
-    parts = map_tiles(tile_sums, count, channels, xp)
-    dbias = sum(part[0] for part in parts)
-    dweight = cache.invstd * (sum(part[1] for part in parts) - cache.mean * dbias)
+    if cache.training or need_param_grads:
+        parts = map_tiles(tile_sums, count, channels, xp)
+        dbias = sum(part[0] for part in parts)
+        dweight = cache.invstd * (sum(part[1] for part in parts) - cache.mean * dbias)
+    else:                            # eval-mode dx needs no sums, and nobody wants them
+        dbias = dweight = None
 
     a = cache.invstd * cache.weight
     a_tile = channel_tile(a, tile_rows)
@@ -189,7 +223,4 @@ def batchnorm_backward(dy, cache: BatchNormCache):
             xp.multiply(masked_gradient(tile), fit(a_tile, tile.stop - tile.start), out=dx[tile])
 
     map_tiles(tile_dx, count, channels, xp)
-    dx = rows_as_nchw(dx, cache.shape)
-    if not cache.affine:
-        return dx, None, None
-    return dx, dweight, dbias
+    return gradients(dx, dweight, dbias)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..functional.batchnorm import BatchNormCache
 from .module import Module, Parameter
 
 
@@ -11,17 +12,24 @@ class BatchNorm2d(Module):
 
     ``bn(x, relu=True)`` applies a ReLU in the same pass (and its mask in backward);
     the residual blocks use it for their conv-BN-ReLU steps.
+
+    ``bias=False`` (PyTorch 2.13, keyword-only) keeps the learnable weight and drops the bias;
+    ``affine=False`` has neither.  An empty batch (N = 0) gives an empty output; in training mode
+    it still counts in ``num_batches_tracked`` but leaves the running statistics alone, as in PyTorch.
+    When every parameter is frozen (``requires_grad = False``), backward skips their reductions
+    where ``dx`` does not need them (evaluation mode).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 *, backend="numpy", dtype="float32"):
+                 *, bias=True, backend="numpy", dtype="float32"):
         super().__init__(backend=backend, dtype=dtype)
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
+        self.has_bias = bool(affine and bias)
         xp = self.xp
         if affine:
             self.weight = Parameter(xp.ones(num_features, dtype=self.dtype))
-            self.bias = Parameter(xp.zeros(num_features, dtype=self.dtype))
+            self.bias = Parameter(xp.zeros(num_features, dtype=self.dtype)) if self.has_bias else None
         else:
             self.weight = self.bias = None
         if track_running_stats:
@@ -41,6 +49,10 @@ class BatchNorm2d(Module):
         self.check_input(x, ndim=4, channels=self.num_features)
         weight = None if self.weight is None else self.weight.data
         bias = None if self.bias is None else self.bias.data
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            # Refused before num_batches_tracked counts the batch (PyTorch counts it, then refuses).
+            raise ValueError(f"BatchNorm2d in training mode needs more than 1 value per channel, got input of "
+                             f"shape {tuple(x.shape)}")
         if self.training or self.running_mean is None:
             momentum = self.momentum
             if self.training and self.track_running_stats:
@@ -56,14 +68,25 @@ class BatchNorm2d(Module):
         return y
 
     def backward(self, grad_output):
-        dx, dweight, dbias = self.ops.batchnorm_backward(grad_output, self.saved_cache())
+        cache = self.saved_cache()
+        learning = [p for p in (self.weight, self.bias) if p is not None and p.requires_grad]
+        if not learning and isinstance(cache, BatchNormCache):
+            # Frozen (or no) parameters: only dx.  (A GPU kernel's cache gets its fused pass, which
+            # yields the sums anyway.)
+            dx, _, _ = self.ops.batchnorm_backward(grad_output, cache, need_param_grads=False)
+            return dx
+        dx, dweight, dbias = self.ops.batchnorm_backward(grad_output, cache)
         if self.weight is not None:
             self.weight.accumulate_grad(dweight)
+        if self.bias is not None:
             self.bias.accumulate_grad(dbias)
         return dx
 
     def extra_repr(self):
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+        # PyTorch 2.13 prints "bias=..." always; numres keeps the classic format for the default
+        # bias=True (the text torchvision's models print) and shows the field only when it is False.
+        bias = "" if self.has_bias or not self.affine else ", bias=False"
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}{bias}, "
                 f"track_running_stats={self.track_running_stats}")
 
 

@@ -7,7 +7,10 @@ from .module import Module, Parameter
 
 
 class Linear(Module):
-    """``y = x @ weight.T + bias`` on inputs of shape ``(..., in_features)``; PyTorch's default init."""
+    """``y = x @ weight.T + bias`` on inputs of shape ``(..., in_features)``; PyTorch's default init.
+
+    A frozen weight (``requires_grad = False``) gets no gradient and its GEMM is skipped in backward.
+    """
 
     def __init__(self, in_features, out_features, bias=True, *, backend="numpy", dtype="float32"):
         super().__init__(backend=backend, dtype=dtype)
@@ -27,7 +30,8 @@ class Linear(Module):
         return y
 
     def backward(self, grad_output):
-        dx, dweight, dbias = self.ops.linear_backward(grad_output, self.saved_cache())
+        dx, dweight, dbias = self.ops.linear_backward(grad_output, self.saved_cache(),
+                                                      need_weight_grad=self.weight.requires_grad)
         self.weight.accumulate_grad(dweight)
         if self.bias is not None:
             self.bias.accumulate_grad(dbias)
