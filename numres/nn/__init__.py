@@ -7,7 +7,10 @@ from .linear import Linear
 from .loss import CrossEntropyLoss
 from .module import Module, Parameter, StateDictError, is_grad_enabled, no_grad
 from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
+from .sync_batchnorm import SyncBatchNorm
+from . import parallel  # noqa: E402  (nn.parallel.DistributedDataParallel)
 
 __all__ = ["Module", "Parameter", "StateDictError", "no_grad", "is_grad_enabled", "Conv2d", "BatchNorm2d",
            "ReLU", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Linear", "Flatten", "Identity", "Sequential",
            "CrossEntropyLoss"]
+__all__ += ["SyncBatchNorm", "parallel"]
