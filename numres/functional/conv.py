@@ -20,22 +20,44 @@ per group ``g``::
     dW_g  = cols_g^T @ dy_g
     db    = sum over output pixels of dy
     dcols_g = dy_g @ W_g^T ,   dx = col2im(dcols)   (scatter-add of each window)
+
+Padding.  im2col pads with zeros on the fly.  What it cannot do - the odd extra row/column of
+``padding="same"`` (PyTorch puts it at the bottom/right) and the ``reflect``, ``replicate`` and
+``circular`` modes - :func:`pad2d_forward` does first, as a copy ``padded = x[s_h(i), s_w(j)]``
+through per-axis source maps; its backward folds the padded gradient back onto ``x``.
 """
 from __future__ import annotations
 
+import math
+import operator
 from typing import NamedTuple
 
 from ..backend import xp_of
 from ..parallel import map_tiles
 
 
-def pair(value, name="value"):
-    """``3 -> (3, 3)``; a 2-sequence passes through."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be an int or a pair, got {value!r}")
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
+def pair(value, name="value", minimum=0):
+    """``3 -> (3, 3)``; ``(3,) -> (3, 3)``; a 2-sequence passes through.
+
+    Each entry must be an integer of at least ``minimum`` (1 for kernel sizes, strides and
+    dilations, 0 for padding); anything else is a clear ValueError/TypeError naming ``name``.
+    """
+    entries = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if len(entries) not in (1, 2):
+        raise ValueError(f"{name} must be an int or a sequence of 1 or 2 ints, got {value!r}")
+    try:
+        entries = tuple(operator.index(entry) for entry in entries)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a sequence of 1 or 2 ints, got {value!r}") from None
+    if any(entry < minimum for entry in entries):
+        rule = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f"at least {minimum}"
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return entries * 2 if len(entries) == 1 else entries
+
+
+def images_elements(array):
+    """Elements per image (per entry of the first axis) of ``array``; 0 images are fine."""
+    return math.prod(array.shape[1:])
 
 
 def output_size(size, kernel, stride, padding, dilation, ceil_mode=False):
@@ -76,7 +98,7 @@ def pad_nhwc(x_nhwc, pad_h, pad_w, value=0.0, extra_h=0, extra_w=0, threads=True
         frame[:, pad_h:pad_h + h, pad_w:pad_w + w] = x_nhwc[images]
 
     if threads:
-        map_tiles(fill, n, padded[0].size, xp)
+        map_tiles(fill, n, images_elements(padded), xp)
     else:
         fill(slice(0, n))
     return padded
@@ -131,7 +153,7 @@ def im2col(x, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
         # Pad and copy image by image on all cores: each padded image is still in cache when copied.
         cols[:, images] = windows_of(images) if padding != (0, 0) else unpadded[:, images]
 
-    map_tiles(copy_images, n, cols[:, 0].size, xp)
+    map_tiles(copy_images, n, groups * images_elements(cols[0]), xp)
     return cols.reshape(shape), out_hw
 
 
@@ -163,7 +185,7 @@ def col2im(dcols, x_shape, kernel, stride, padding, dilation, out_hw, groups=1, 
         # Crop the padding while the frame is still in cache; dx comes out contiguous channels-last.
         dx_nhwc[images] = frame[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w]
 
-    map_tiles(accumulate, n, padded[0].size, xp)
+    map_tiles(accumulate, n, images_elements(padded), xp)
     return dx_nhwc.reshape(n, h, w, c).transpose(0, 3, 1, 2)
 
 
@@ -190,17 +212,153 @@ def group_matmul(a, b, out=None):
     return out
 
 
+# --- padding: "same", asymmetric and non-zero modes -----------------------------------------------
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def conv_padding(padding, kernel, stride, dilation):
+    """conv2d's ``padding`` argument as amounts per side, ``((top, bottom), (left, right))``.
+
+    An int or a 1-/2-sequence pads both sides of an axis alike; ``"valid"`` pads nothing;
+    ``"same"`` (stride 1 only) pads ``d*(k-1)`` in all per axis, as PyTorch does: half on each
+    side, and the odd cell, if any, at the bottom/right.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding == "same":
+            if tuple(stride) != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            return tuple((total // 2, total - total // 2) for total in totals)
+        raise ValueError(f"padding must be an int, a sequence of 1 or 2 ints, 'same' or 'valid', got {padding!r}")
+    pad_h, pad_w = pair(padding, "padding")
+    return (pad_h, pad_h), (pad_w, pad_w)
+
+
+def conv_output_hw(in_hw, kernel, stride, padding, dilation):
+    """``(OH, OW)`` of a convolution with any ``padding`` that :func:`conv_padding` accepts."""
+    pads = conv_padding(padding, kernel, stride, dilation)
+    # Two-sided padding (a, b) gives the output size of symmetric padding (a+b)/2.
+    return tuple(output_size(in_hw[a] + pads[a][1] - pads[a][0], kernel[a], stride[a], pads[a][0], dilation[a])
+                 for a in range(2))
+
+
+def padding_sources(size, before, after, mode):
+    """For each position of a padded axis (``before + size + after`` of them): the input index it copies.
+
+    With ``i`` running from ``-before`` to ``size + after - 1``::
+
+        reflect    s(i) = |i| mirrored at both ends (the edge itself is not repeated)
+        replicate  s(i) = clip(i, 0, size - 1)
+        circular   s(i) = i mod size
+    """
+    if mode == "reflect" and max(before, after) >= size:
+        raise ValueError(f"padding_mode='reflect' needs padding smaller than the input size, got padding "
+                         f"({before}, {after}) for size {size}")
+    if mode == "circular" and max(before, after) > size:
+        raise ValueError(f"padding_mode='circular' needs padding no larger than the input size, got padding "
+                         f"({before}, {after}) for size {size}")
+    if mode == "replicate" and size == 0:
+        raise ValueError("padding_mode='replicate' needs a non-empty input")
+    sources = []
+    for i in range(-before, size + after):
+        if mode == "reflect":
+            i = -i if i < 0 else 2 * (size - 1) - i if i >= size else i
+        elif mode == "replicate":
+            i = min(max(i, 0), size - 1)
+        else:                                   # circular
+            i %= size
+        sources.append(i)
+    return sources
+
+
+class PadCache(NamedTuple):
+    pads: tuple          # ((top, bottom), (left, right))
+    mode: str
+    in_hw: tuple
+
+
+def pad2d_forward(x, pads, mode="zeros"):
+    """``(padded, cache)``: ``x`` (N, C, H, W) framed by ``pads = ((top, bottom), (left, right))``.
+
+    ``zeros`` frames with 0; the other modes copy input values: ``padded[..., i, j] =
+    x[..., s_h(i), s_w(j)]`` with the source maps of :func:`padding_sources`.  ``padded`` is
+    stored channels-last, like every numres activation.
+    """
+    if mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {mode!r}")
+    xp = xp_of(x)
+    n, c, h, w = x.shape
+    (top, bottom), (left, right) = pads
+    x_nhwc = x.transpose(0, 2, 3, 1)
+    if mode == "zeros":
+        padded = xp.zeros((n, top + h + bottom, left + w + right, c), dtype=x.dtype)
+        padded[:, top:top + h, left:left + w] = x_nhwc
+    else:
+        rows = xp.asarray(padding_sources(h, top, bottom, mode))
+        cols = xp.asarray(padding_sources(w, left, right, mode))
+        padded = x_nhwc[:, rows[:, None], cols[None, :]]            # one gather, contiguous (N, H', W', C)
+    return padded.transpose(0, 3, 1, 2), PadCache(tuple(pads), mode, (h, w))
+
+
+def pad2d_backward(dpadded, cache: PadCache):
+    """dL/dx from dL/dpadded: the adjoint of the copy in :func:`pad2d_forward`.
+
+    Each input element receives the gradient of every padded position that copied it,
+    ``dx[k] = sum over i with s(i) = k of dpadded[i]`` along each axis; for ``zeros`` that is
+    just the interior (the frame copied nothing).
+    """
+    (top, bottom), (left, right) = cache.pads
+    h, w = cache.in_hw
+    grad = dpadded.transpose(0, 2, 3, 1)
+    if cache.mode == "zeros":
+        dx = grad[:, top:top + h, left:left + w].copy()
+    else:
+        dx = _fold_axis(grad, 1, padding_sources(h, top, bottom, cache.mode), top, h)
+        dx = _fold_axis(dx, 2, padding_sources(w, left, right, cache.mode), left, w)
+    return dx.transpose(0, 3, 1, 2)
+
+
+def _fold_axis(grad, axis, sources, before, size):
+    """Sum the gradient of each padded position along ``axis`` into the input position it copied."""
+    def at(index):
+        return (slice(None),) * axis + (index,)
+
+    folded = grad[at(slice(before, before + size))].copy()         # the interior copies each input once
+    for position, source in enumerate(sources):
+        if not before <= position < before + size:                  # a border position (few of them)
+            folded[at(source)] += grad[at(position)]
+    return folded
+
+
+def split_padding(pads, mode):
+    """``(symmetric, explicit)``: what im2col pads with zeros on the fly, and what is padded beforehand.
+
+    Zero padding stays in im2col, except the odd extra cell of ``padding="same"`` (bottom/right),
+    which is padded explicitly; the other modes pad everything explicitly.
+    """
+    (top, bottom), (left, right) = pads
+    if mode == "zeros":
+        return (top, left), ((0, bottom - top), (0, right - left))
+    return (0, 0), pads
+
+
+# --- convolution ----------------------------------------------------------------------------------
+
 class ConvCache(NamedTuple):
-    x: object             # the input; backward rebuilds the patch matrix from it
+    x: object             # the input (explicitly padded, if it was); backward rebuilds the patch matrix from it
     weight: object        # the weight, PyTorch shape
     x_shape: tuple
     out_hw: tuple
     kernel: tuple
     stride: tuple
-    padding: tuple
+    padding: tuple        # the symmetric zero padding im2col applies
     dilation: tuple
     groups: int
     has_bias: bool
+    explicit_padding: object = None   # a PadCache when the input was padded before im2col
 
 
 WORKSPACE_ELEMENTS = 1 << 22    # patch-matrix elements built at once (16 MiB of float32)
@@ -215,17 +373,29 @@ def image_chunks(x_shape, kernel, stride, padding, out_hw):
     """
     n, c = x_shape[:2]
     if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
-        return [slice(0, n)]
+        return [slice(0, n)] if n else []
     per_image = out_hw[0] * out_hw[1] * kernel[0] * kernel[1] * c
-    images = max(1, WORKSPACE_ELEMENTS // per_image)
+    images = max(1, WORKSPACE_ELEMENTS // max(1, per_image))
     return [slice(start, min(start + images, n)) for start in range(0, n, images)]
 
 
-def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """``y = conv2d(x, weight) + bias`` -> ``(y, cache)``; ``y`` is (N, O, OH, OW), stored channels-last."""
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros"):
+    """``y = conv2d(x, weight) + bias`` -> ``(y, cache)``; ``y`` is (N, O, OH, OW), stored channels-last.
+
+    ``padding`` is an int, a 1-/2-sequence, ``"valid"`` or ``"same"``; ``padding_mode`` is
+    ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``, as in PyTorch.  Padding that
+    im2col cannot do on the fly (non-zero modes, the odd cell of ``"same"``) is applied first by
+    :func:`pad2d_forward`, and backward folds its gradient back onto ``x``.
+    """
     xp = xp_of(x)
-    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    stride, dilation = pair(stride, "stride", minimum=1), pair(dilation, "dilation", minimum=1)
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
     out_channels, cg, kh, kw = weight.shape
+    padding, explicit = split_padding(conv_padding(padding, (kh, kw), stride, dilation), padding_mode)
+    pad_cache = None
+    if explicit != ((0, 0), (0, 0)):
+        x, pad_cache = pad2d_forward(x, explicit, padding_mode)
     n, _, h, w = x.shape
     out_hw = (output_size(h, kh, stride[0], padding[0], dilation[0]),
               output_size(w, kw, stride[1], padding[1], dilation[1]))
@@ -240,22 +410,27 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
         y += bias
     y = y.reshape(n, out_hw[0], out_hw[1], out_channels).transpose(0, 3, 1, 2)
     cache = ConvCache(x, weight, tuple(x.shape), out_hw, (kh, kw), stride, padding, dilation, groups,
-                      bias is not None)
+                      bias is not None, pad_cache)
     return y, cache
 
 
-def conv2d_backward(dy, cache: ConvCache, need_input_grad=True):
+def conv2d_backward(dy, cache: ConvCache, need_input_grad=True, *, need_weight_grad=True, need_bias_grad=None):
     """Gradients ``(dx, dweight, dbias)`` from ``dy`` (N, O, OH, OW).
 
-    ``dx`` is None when ``need_input_grad`` is False (the stem of a network needs none);
-    ``dbias`` is None for a convolution without bias.  ``dweight`` has the weight's shape and
-    is stored ``(kh, kw, Cg, O)``, like the weights of :class:`numres.nn.Conv2d`.
+    A gradient that is not needed is None and costs nothing: ``dx`` when ``need_input_grad`` is
+    False (the stem of a network needs none); ``dweight`` when ``need_weight_grad`` is False (a
+    frozen weight: the weight-gradient GEMM, and the patch matrices it reads, are skipped);
+    ``dbias`` when ``need_bias_grad`` is False, which by default follows ``need_weight_grad``
+    (:func:`conv2d_bias_backward` gives the bias gradient alone).  ``dbias`` is also None for a
+    convolution without bias.  ``dweight`` has the weight's shape and is stored
+    ``(kh, kw, Cg, O)``, like the weights of :class:`numres.nn.Conv2d`.
 
     The patch matrix is rebuilt here, chunk by chunk, from the saved input rather than kept
     from forward: for a 3x3 convolution it is nine times the input's size, and rebuilding it
     costs one copy (for a 1x1 stride-1 convolution it is the input itself, so nothing at all).
     """
     xp = xp_of(dy)
+    need_bias_grad = need_weight_grad if need_bias_grad is None else need_bias_grad
     groups = cache.groups
     out_channels, cg, kh, kw = cache.weight.shape
     n = cache.x_shape[0]
@@ -263,24 +438,36 @@ def conv2d_backward(dy, cache: ConvCache, need_input_grad=True):
     dy_rows = xp.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(n * pixels, groups, out_channels // groups)
     matrix_t = weight_matrix(cache.weight, groups).transpose(0, 2, 1)
 
-    dweight = xp.empty((kh * kw * cg, groups, out_channels // groups), dtype=dy.dtype)
-    dweight_groups = dweight.transpose(1, 0, 2)                     # (g, kh*kw*Cg, O/g)
+    dweight = dweight_groups = None
+    if need_weight_grad:
+        dweight = xp.zeros((kh * kw * cg, groups, out_channels // groups), dtype=dy.dtype)
+        dweight_groups = dweight.transpose(1, 0, 2)                 # (g, kh*kw*Cg, O/g)
     dx = xp.empty((n, cache.x_shape[2], cache.x_shape[3], cache.x_shape[1]), dtype=dy.dtype) \
         if need_input_grad else None
-    chunks = image_chunks(cache.x_shape, cache.kernel, cache.stride, cache.padding, cache.out_hw)
+    chunks = image_chunks(cache.x_shape, cache.kernel, cache.stride, cache.padding, cache.out_hw) \
+        if need_input_grad or need_weight_grad else []
     for index, images in enumerate(chunks):
-        cols, _ = im2col(cache.x[images], cache.kernel, cache.stride, cache.padding, cache.dilation, groups)
         dy_chunk = dy_rows[images.start * pixels:images.stop * pixels].transpose(1, 0, 2)    # (g, rows, O/g)
-        if index == 0:
-            group_matmul(cols.transpose(0, 2, 1), dy_chunk, out=dweight_groups)
-        else:
-            dweight_groups += group_matmul(cols.transpose(0, 2, 1), dy_chunk)
+        if need_weight_grad:
+            cols, _ = im2col(cache.x[images], cache.kernel, cache.stride, cache.padding, cache.dilation, groups)
+            if index == 0:
+                group_matmul(cols.transpose(0, 2, 1), dy_chunk, out=dweight_groups)
+            else:
+                dweight_groups += group_matmul(cols.transpose(0, 2, 1), dy_chunk)
         if need_input_grad:
             dcols = group_matmul(dy_chunk, matrix_t)
             col2im(dcols, (images.stop - images.start, *cache.x_shape[1:]), cache.kernel, cache.stride,
                    cache.padding, cache.dilation, cache.out_hw, groups, out=dx[images])
-    dweight = dweight.reshape(kh, kw, cg, out_channels).transpose(3, 2, 0, 1)
-    dbias = dy_rows.reshape(n * pixels, out_channels).sum(axis=0) if cache.has_bias else None
+    if need_weight_grad:
+        dweight = dweight.reshape(kh, kw, cg, out_channels).transpose(3, 2, 0, 1)
+    dbias = dy_rows.reshape(n * pixels, out_channels).sum(axis=0) if cache.has_bias and need_bias_grad else None
     if need_input_grad:
         dx = dx.transpose(0, 3, 1, 2)
+        if cache.explicit_padding is not None:
+            dx = pad2d_backward(dx, cache.explicit_padding)
     return dx, dweight, dbias
+
+
+def conv2d_bias_backward(dy):
+    """``dbias[o] = sum over n, h, w of dy[n, o, h, w]``: the bias gradient alone (for a frozen weight)."""
+    return dy.sum(axis=(0, 2, 3))

@@ -13,7 +13,12 @@ class Conv2d(Module):
     ``weight`` has PyTorch's shape ``(out_channels, in_channels/groups, kh, kw)`` but is
     stored as ``(kh, kw, in/groups, out)``, so the GEMM in forward and backward reads it
     with no copy.  ``backward(dy, need_input_grad=False)`` skips dL/dx (and returns None),
-    which saves the largest GEMM of a network's first layer.
+    which saves the largest GEMM of a network's first layer; a frozen weight
+    (``requires_grad = False``) skips the weight-gradient GEMM.
+
+    ``padding`` is an int, a pair, ``"valid"`` or ``"same"`` (an odd total puts the extra
+    row/column at the bottom/right, as PyTorch does); ``padding_mode`` is ``"zeros"``,
+    ``"reflect"``, ``"replicate"`` or ``"circular"``.
     """
 
     accepts_unbatched = True
@@ -24,19 +29,16 @@ class Conv2d(Module):
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must both be "
                              f"divisible by groups ({groups})")
-        if padding_mode != "zeros":
-            raise NotImplementedError(f"padding_mode={padding_mode!r}: only 'zeros' is supported")
+        if padding_mode not in F.PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {F.PADDING_MODES}, got {padding_mode!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = F.pair(kernel_size, "kernel_size")
-        self.stride, self.dilation = F.pair(stride, "stride"), F.pair(dilation, "dilation")
-        if padding == "valid":
-            padding = 0
-        elif padding == "same":
-            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-            if self.stride != (1, 1) or any(t % 2 for t in total):
-                raise NotImplementedError("padding='same' is supported for stride 1 with an even total padding")
-            padding = tuple(t // 2 for t in total)
-        self.padding = F.pair(padding, "padding")
+        self.kernel_size = F.pair(kernel_size, "kernel_size", minimum=1)
+        self.stride = F.pair(stride, "stride", minimum=1)
+        self.dilation = F.pair(dilation, "dilation", minimum=1)
+        self.padding_mode = padding_mode
+        # PyTorch keeps "same" / "valid" as given, and numbers as a pair.
+        self.padding = padding if isinstance(padding, str) else F.pair(padding, "padding")
+        self._plain_padding()                  # checks the padding now ("same" needs stride 1)
 
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         fan_in = init.fans(shape)[0]
@@ -53,15 +55,34 @@ class Conv2d(Module):
         """Replace the weight by ``values`` (PyTorch shape, host array), keeping the GEMM-friendly layout."""
         self.weight.data = self._layout_weight(values)
 
+    def _plain_padding(self):
+        """The padding as a plain (ph, pw) pair when it is symmetric zero padding (the common case), else None."""
+        (top, bottom), (left, right) = F.conv_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        plain = self.padding_mode == "zeros" and top == bottom and left == right
+        return (top, left) if plain else None
+
     def forward(self, x):
         self.check_input(x, ndim=4, channels=self.in_channels)
-        y, cache = self.ops.conv2d_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
-                                    self.stride, self.padding, self.dilation, self.groups)
+        weight, bias = self.weight.data, None if self.bias is None else self.bias.data
+        plain_padding = self._plain_padding()
+        if plain_padding is not None:
+            y, cache = self.ops.conv2d_forward(x, weight, bias, self.stride, plain_padding, self.dilation,
+                                               self.groups)
+        else:   # "same" with an odd total, or a non-zero padding mode: padded explicitly first
+            y, cache = self.ops.conv2d_forward(x, weight, bias, self.stride, self.padding, self.dilation,
+                                               self.groups, padding_mode=self.padding_mode)
         self.save_for_backward(cache)
         return y
 
     def backward(self, grad_output, need_input_grad=True):
-        dx, dweight, dbias = self.ops.conv2d_backward(grad_output, self.saved_cache(), need_input_grad)
+        """dL/dx; accumulates the gradients of the weight and bias, skipping the GEMM of a frozen weight."""
+        if self.weight.requires_grad:
+            dx, dweight, dbias = self.ops.conv2d_backward(grad_output, self.saved_cache(), need_input_grad)
+        else:
+            dx, dweight, dbias = self.ops.conv2d_backward(grad_output, self.saved_cache(), need_input_grad,
+                                                          need_weight_grad=False)
+            if self.bias is not None and self.bias.requires_grad:
+                dbias = F.conv2d_bias_backward(grad_output)
         self.weight.accumulate_grad(dweight)
         if self.bias is not None:
             self.bias.accumulate_grad(dbias)
@@ -71,11 +92,13 @@ class Conv2d(Module):
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}")
         if self.padding != (0, 0):
-            text += f", padding={self.padding}"
+            text += f", padding={self.padding}"      # "same" / "valid" print bare, as in PyTorch
         if self.dilation != (1, 1):
             text += f", dilation={self.dilation}"
         if self.groups != 1:
             text += f", groups={self.groups}"
         if self.bias is None:
             text += ", bias=False"
+        if self.padding_mode != "zeros":
+            text += f", padding_mode={self.padding_mode}"
         return text
