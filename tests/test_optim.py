@@ -238,7 +238,7 @@ def test_fine_tuning_only_fc_of_a_resnet18_moves_nothing_else():
     model.eval()                                            # keep BN statistics fixed too
     for _ in range(2):
         opt.zero_grad()
-        crit(model(rng.standard_normal((2, 3, 32, 32))), rng.integers(0, 7, 2))
+        crit(model(rng.standard_normal((2, 3, 16, 16))), rng.integers(0, 7, 2))
         model.backward(crit.backward())
         opt.step()
     for name, p in model.named_parameters():
