@@ -1,8 +1,9 @@
 """Layers with hand-written forward and backward passes, PyTorch's names and arguments."""
 from .activation import ReLU
 from .batchnorm import BatchNorm2d
-from .containers import Flatten, Identity, Sequential
+from .containers import Flatten, Identity, ModuleDict, ModuleList, Sequential
 from .conv import Conv2d
+from .dropout import Dropout, Dropout2d
 from .linear import Linear
 from .loss import CrossEntropyLoss
 from .module import Module, Parameter, StateDictError, is_grad_enabled, no_grad
@@ -13,4 +14,5 @@ from . import parallel  # noqa: E402  (nn.parallel.DistributedDataParallel)
 __all__ = ["Module", "Parameter", "StateDictError", "no_grad", "is_grad_enabled", "Conv2d", "BatchNorm2d",
            "ReLU", "MaxPool2d", "MaxUnpool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Linear", "Flatten", "Identity",
            "Sequential", "CrossEntropyLoss"]
+__all__ += ["Dropout", "Dropout2d", "ModuleList", "ModuleDict"]
 __all__ += ["SyncBatchNorm", "parallel"]
