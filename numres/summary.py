@@ -1,4 +1,4 @@
-"""``numres summary MODEL [--input 1x3x224x224]``: a per-layer table of output shapes, parameters and MACs.
+"""Per-layer table of output shapes, parameters and multiply-accumulates (MACs) of a model.
 
 :func:`summarize` runs one forward pass (eval mode, under :func:`numres.no_grad`) with
 forward pre-hooks and hooks on every module, and records for each call its output
@@ -232,60 +232,3 @@ def format_summary(summary: Summary, title: str = "") -> str:
     out.append(f"Total params: {summary.total_params:,}")
     out.append(f"Total MACs:   {summary.total_macs:,} ({summary.total_macs / 1e9:.3f} G)")
     return "\n".join(out)
-
-
-# --- the command ------------------------------------------------------------------------------------------
-
-def parse_shape(text: str) -> tuple:
-    """``"1x3x224x224"`` -> ``(1, 3, 224, 224)``."""
-    try:
-        shape = tuple(int(part) for part in text.lower().split("x"))
-    except ValueError:
-        shape = ()
-    if not shape or any(n < 1 for n in shape):
-        raise ValueError(f"--input must look like 1x3x224x224 (positive integers joined by 'x'), got {text!r}")
-    return shape
-
-
-def _builder(name: str):
-    import numres
-    import numres.models as models
-
-    for namespace in (models, numres):
-        builder = getattr(namespace, name, None)
-        if not name.startswith("_") and name[:1].islower() and callable(builder) and not isinstance(builder, type):
-            return builder
-    known = sorted(n for n in getattr(models, "__all__", dir(models)) if n[:1].islower())
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(known)}")
-
-
-def _default_input(name: str) -> str:
-    import numres.models as models
-
-    return "1x3x32x32" if name in getattr(models, "CIFAR_MODELS", {}) else "1x3x224x224"
-
-
-def add_arguments(parser):
-    parser.add_argument("model", metavar="MODEL", help="builder name, e.g. resnet18, resnet50, resnext50_32x4d")
-    parser.add_argument("--input", default=None,
-                        help="input shape N x C x H x W (default: 1x3x32x32 for the CIFAR nets, else 1x3x224x224)")
-    parser.add_argument("--num-classes", type=int, default=None, help="classifier outputs (builder's default)")
-    parser.add_argument("--shapes-only", action="store_true",
-                        help="propagate shapes without computing (fast; same table)")
-
-
-def run(args) -> int:
-    try:
-        builder = _builder(args.model)
-        shape = parse_shape(args.input or _default_input(args.model))
-    except ValueError as exc:
-        raise SystemExit(f"numres summary: {exc}") from exc
-    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    model = builder(**kwargs)
-    try:
-        summary = summarize(model, shape, shapes_only=args.shapes_only)
-    except (ValueError, TypeError) as exc:
-        raise SystemExit(f"numres summary: input {'x'.join(map(str, shape))} does not fit {args.model}: {exc}") \
-            from exc
-    print(format_summary(summary, title=args.model))
-    return 0

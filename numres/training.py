@@ -98,17 +98,32 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "momentum", "weight_decay", "gamma", "label_smoothing", "warmup_start_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.label_smoothing > 1:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs must be in 0..epochs-1, got {self.warmup_epochs} "
                              f"for {self.epochs} epochs")
         if self.subset is not None and self.subset < 1:
             raise ValueError(f"subset must be positive, got {self.subset}")
-        if self.schedule == "multistep" and self.milestones is None:
-            self.milestones = [self.epochs // 2, (3 * self.epochs) // 4]
         if self.milestones is not None:
             self.milestones = sorted(int(m) for m in self.milestones)
+            if any(m < 1 for m in self.milestones):
+                raise ValueError(f"milestones are epoch numbers >= 1, got {self.milestones}")
+        elif self.schedule == "multistep":     # the paper's: at 50% and 75% of the run
+            self.milestones = sorted({m for m in (self.epochs // 2, (3 * self.epochs) // 4) if 0 < m < self.epochs})
+
+
+    def unreached_milestones(self) -> list:
+        """Milestones at or past the last epoch: they change nothing unless the run is extended."""
+        if self.schedule != "multistep":
+            return list(self.milestones or [])
+        return [m for m in self.milestones if m >= self.epochs]
 
 
 # --- building the pieces ------------------------------------------------------------------------------
@@ -220,6 +235,8 @@ class Trainer:
         self.totals = _EpochTotals()
         self._epoch_rng = None
         self._stop = False
+        self.curves_written = False     # curves.png needs matplotlib
+        self.resume_notes = []          # what changed when a run was resumed with other settings
 
         train, test = (load_dataset(config.dataset, split, config.data_dir) for split in ("train", "test"))
         if config.subset:
@@ -264,6 +281,13 @@ class Trainer:
             "history": self.history,
         }
 
+    def written_files(self) -> list:
+        """The names of the files this run has written to :attr:`out_dir` so far."""
+        names = [CHECKPOINT_NAME, "metrics.csv", "metrics.json"] if self.history else []
+        if self.step_in_epoch and not self.history:
+            names = [CHECKPOINT_NAME]
+        return names + (["curves.png"] if self.curves_written else [])
+
     def save_checkpoint(self):
         save(self.state(), self.checkpoint_path)
 
@@ -276,9 +300,15 @@ class Trainer:
         if saved["epochs"] == self.config.epochs and saved["warmup_epochs"] == self.config.warmup_epochs:
             self.scheduler.load_state_dict(state["scheduler"])
         else:                       # a longer (or shorter) run: recompute the schedule at the saved position
+            before = self.optimizer.param_groups[0]["lr"]
             self.scheduler = build_schedule(self.optimizer, self.config)
             for _ in range(int(state["scheduler"]["last_epoch"])):
                 self.scheduler.step()
+            after = self.optimizer.param_groups[0]["lr"]
+            self.resume_notes.append(
+                f"the run had {saved['epochs']} epochs and now has {self.config.epochs}: the {self.config.schedule} "
+                f"schedule is recomputed for {self.config.epochs} epochs, so at epoch {int(state['epoch']) + 1} "
+                f"the lr is {after:.4g} where the old schedule had {before:.4g}")
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.totals = _EpochTotals(**state["totals"])
@@ -440,7 +470,8 @@ class Trainer:
         self.scheduler.step()
         self.save_checkpoint()
         write_metrics(self.history, self.out_dir)
-        write_curves(self.history, os.path.join(self.out_dir, "curves.png"))
+        if write_curves(self.history, os.path.join(self.out_dir, "curves.png")):
+            self.curves_written = True
         self.log(f"epoch {record['epoch']:>3}/{self.config.epochs}  lr {lr:.4g}  "
                  f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}  "
                  f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.4f}  "
@@ -477,6 +508,27 @@ def evaluate_model(model, loader, num_classes, criterion=None) -> dict:
 
 
 # --- files --------------------------------------------------------------------------------------------
+
+def evaluate_checkpoint(path, split="test", data_dir=None, backend=None, batch_size=256) -> dict:
+    """``{"loss", "acc", "confusion", "classes", "count", "path"}`` for the checkpoint at ``path``."""
+    path = checkpoint_file(path)
+    state = load(path)
+    check_checkpoint(state, path)
+    config = state["config"]
+    backend = backend or config["backend"]
+    dataset = load_dataset(config["dataset"], split, data_dir or config["data_dir"])
+    if config.get("subset"):
+        dataset = dataset.subset(config["subset"])
+    classes = list(state["classes"])
+    model, channels = build_model(config["model"], len(classes), dataset.channels, backend, config["dtype"])
+    model.load_state_dict(state["model"])
+    loader = DataLoader(dataset, batch_size, mean=state["mean"], std=state["std"], channels=channels,
+                        backend=backend, dtype=config["dtype"])
+    result = evaluate_model(model, loader, len(classes))
+    result.update(classes=classes, count=len(dataset), path=path, epoch=int(state["epoch"]),
+                  step_in_epoch=int(state["step_in_epoch"]), model=config["model"], dataset=config["dataset"])
+    return result
+
 
 def checkpoint_file(path) -> str:
     """``path`` itself, or the checkpoint inside it when it is a run directory."""

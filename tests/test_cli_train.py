@@ -12,7 +12,7 @@ import pytest
 from test_data import write_cifar
 
 import numres as nr
-from numres.cli import main
+from numres.commands import main
 
 TINY = ["--subset", "32", "--batch-size", "16", "--eval-batch-size", "32"]
 
@@ -78,7 +78,7 @@ def test_bad_options_give_clear_errors(tmp_path, capsys):
     assert train(tmp_path / "a", "--model", "resnet21") == 2
     assert "unknown model 'resnet21'" in capsys.readouterr().err
     assert train(tmp_path / "a", "--threads", "many") == 2
-    assert "--threads must be a number" in capsys.readouterr().err
+    assert "--threads must be a whole number" in capsys.readouterr().err
     assert train(tmp_path / "b", "--epochs", "1") == 0
     assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--lr", "0.5", "--no-progress"]) == 2
     assert "not --lr" in capsys.readouterr().err

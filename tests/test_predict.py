@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import numres as nr
-from numres.cli import main
+from numres.commands import main
 from numres.imagenet import class_names, load_image, resized_size
 from torch_reference import build
 
@@ -86,7 +86,7 @@ def test_preprocessing_matches_torchvision_steps(tmp_path):
 def _parse(output):
     """{image path: [(rank, percent, index), ...]} from the command's output."""
     results, current = {}, None
-    for line in output.splitlines():
+    for line in output.splitlines()[1:]:           # the first line says what was loaded
         if line.endswith(":") and not line.startswith(" "):
             current = results.setdefault(line[:-1], [])
             continue
@@ -128,21 +128,80 @@ def test_predict_with_other_class_counts_and_npz(tmp_path, capsys):
     assert abs(sum(row[1] for row in rows) - 100) < 0.02
 
 
-def test_predict_errors_are_clear(tmp_path, checkpoint, monkeypatch):
+def _fails_cleanly(capsys, argv, pattern):
+    """The command ends with exit status 2 and one line on stderr matching ``pattern``."""
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("numres predict: error: "), error
+    assert re.search(pattern, error), error
+
+
+def test_predict_errors_are_clear(tmp_path, checkpoint, monkeypatch, capsys):
     weights, _ = checkpoint
     png, _ = _write_images(tmp_path)
-    with pytest.raises(SystemExit, match="no such image"):
-        main(["predict", str(tmp_path / "absent.png"), "--weights", str(weights)])
+    _fails_cleanly(capsys, ["predict", str(tmp_path / "absent.png"), "--weights", str(weights)], "no such image")
     not_image = tmp_path / "notes.png"
     not_image.write_text("not an image")
-    with pytest.raises(SystemExit, match="not an image"):
-        main(["predict", str(not_image), "--model", "resnet18", "--weights", str(weights)])
-    with pytest.raises(SystemExit, match="unknown model 'resnet7'"):
-        main(["predict", str(png), "--model", "resnet7", "--weights", str(weights)])
-    with pytest.raises(SystemExit, match="no such weights file"):
-        main(["predict", str(png), "--model", "resnet18", "--weights", str(tmp_path / "none.pth")])
-    with pytest.raises(SystemExit, match="shape mismatches"):
-        main(["predict", str(png), "--model", "resnet50", "--weights", str(weights)])
+    _fails_cleanly(capsys, ["predict", str(not_image), "--weights", str(weights)], "not an image")
+    _fails_cleanly(capsys, ["predict", str(png), "--model", "resnet7", "--weights", str(weights)],
+                   "unknown model 'resnet7'")
+    _fails_cleanly(capsys, ["predict", str(png), "--weights", str(tmp_path / "none.pth")], "no such weights file")
+    _fails_cleanly(capsys, ["predict", str(png), "--top", "0", "--weights", str(weights)], "--top")
     monkeypatch.setitem(sys.modules, "PIL", None)          # as if Pillow were not installed
-    with pytest.raises(SystemExit, match=r"needs Pillow.*numres\[image\]"):
-        main(["predict", str(png), "--model", "resnet18", "--weights", str(weights)])
+    _fails_cleanly(capsys, ["predict", str(png), "--weights", str(weights)], r"needs Pillow.*numres\[image\]")
+
+
+def test_weights_of_another_architecture_are_named(checkpoint, tmp_path, capsys):
+    """A resnet18 file with --model resnet50 says what the file holds, in one line, not a list of keys."""
+    weights, _ = checkpoint
+    png, _ = _write_images(tmp_path)
+    _fails_cleanly(capsys, ["predict", str(png), "--model", "resnet50", "--weights", str(weights)],
+                   r"^numres predict: error: this file holds a resnet18 \(11,689,512 parameters\), not a resnet50; "
+                   r"use --model resnet18$")
+    with pytest.raises(ValueError, match=r"holds a resnet18 \(11,689,512 parameters\).*numres.resnet18"):
+        nr.resnet50(weights=weights)
+
+
+def test_predict_takes_the_architecture_from_the_file(checkpoint, tmp_path, capsys):
+    weights, _ = checkpoint
+    png, _ = _write_images(tmp_path)
+    assert main(["predict", str(png), "--weights", str(weights)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("resnet18 (11,689,512 parameters)")
+    assert len(_parse(out)[str(png)]) == 5
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A short `numres train` run on the digits (resnet20), its run folder."""
+    from numres.training import Trainer, TrainConfig
+    out = tmp_path_factory.mktemp("digits-run")
+    trainer = Trainer(TrainConfig(epochs=1, subset=128, batch_size=32), out, progress=False, log=lambda text: None)
+    trainer.fit()
+    return out, trainer
+
+
+def test_predict_on_a_training_checkpoint_needs_no_model(digits_run, tmp_path, capsys):
+    """A CIFAR-style run predicts with its own classes and preprocessing, from the run folder alone."""
+    from numres.inference import load_classifier
+    out, trainer = digits_run
+    dataset = trainer.test_loader.dataset
+    paths = []
+    for index in range(4):
+        grey = np.round(dataset.images[index, 0] * (255.0 / dataset.max_value)).astype(np.uint8)
+        path = tmp_path / f"digit{index}.png"
+        Image.fromarray(grey, mode="L").save(path)
+        paths.append(path)
+    assert main(["predict", *map(str, paths), "--weights", str(out), "--top", "3"]) == 0
+    printed = _parse(capsys.readouterr().out)
+    classifier = load_classifier(out)
+    x_loader, _ = trainer.test_loader.make_batch(np.arange(4))
+    for index, path in enumerate(paths):
+        # the file's pixels went through 8-bit rounding: within half a grey level of the loader's input
+        x = classifier.preprocess(path)
+        assert x.shape == x_loader[index].shape == (1, 8, 8)
+        assert np.abs(x - x_loader[index]).max() <= 0.5 / 255 / trainer.std.min() + 1e-6
+        rows = printed[str(path)]
+        assert [row[2] for row in rows] == [str(row[3]) for row in rows]          # the run's class names: "0".."9"
+    assert main(["predict", str(paths[0]), "--weights", str(out), "--model", "resnet56"]) == 2
+    assert "holds a resnet20" in capsys.readouterr().err

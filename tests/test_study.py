@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import numres as nr
 from numres import study
-from numres.cli import main
+from numres.commands import main
 from torch_reference import build, load_numres_state, randomize_batchnorms
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -234,8 +234,8 @@ def test_degradation_schedule_is_the_papers_step_rule():
 def test_study_command_rejects_bad_arguments(capsys):
     assert main(["study"]) == 2
     assert "choose an experiment" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="epochs must be at least 1"):
-        main(["study", "degradation", "--epochs", "0"])
+    assert main(["study", "degradation", "--epochs", "0"]) == 2
+    assert "epochs must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["study", "gradflow", "--depth", "21"])          # argparse: not one of the paper's depths
     with pytest.raises(ValueError, match="depth 21"):

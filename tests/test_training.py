@@ -12,7 +12,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import numres as nr
-from numres.evaluate import evaluate_checkpoint
+from numres.training import evaluate_checkpoint
 from numres.training import (METRIC_FIELDS, NonFiniteLossError, Trainer, TrainConfig, locate_nonfinite,
                              build_model)
 

@@ -122,6 +122,7 @@ class CifarResNet(Module):
         return self.conv1.in_channels
 
     def forward(self, x):
+        self.check_input(x, ndim=4, channels=self.conv1.in_channels)
         x = self.bn1(self.conv1(x), relu=True)
         x = self.layer3(self.layer2(self.layer1(x)))
         x = self.avgpool(x)

@@ -197,10 +197,12 @@ class ResNet(Module):
         return self.conv1.backward(grad, need_input_grad=need_input_grad)
 
 
-def _resnet(block, layers, weights, **kwargs):
+def _resnet(name, block, layers, weights, **kwargs):
     if weights is not None:
         from ..io import load_weights
+        from .identify import check_weights_fit
         state = load_weights(weights)
+        check_weights_fit(state, name, hint="use numres.{name}(weights=...)")
         kwargs.setdefault("num_classes", int(state["fc.weight"].shape[0]))
         model = ResNet(block, layers, **kwargs)
         model.load_state_dict(state)
@@ -210,44 +212,44 @@ def _resnet(block, layers, weights, **kwargs):
 
 def resnet18(*, weights=None, **kwargs):
     """ResNet-18 (11.7M parameters)."""
-    return _resnet(BasicBlock, [2, 2, 2, 2], weights, **kwargs)
+    return _resnet("resnet18", BasicBlock, [2, 2, 2, 2], weights, **kwargs)
 
 
 def resnet34(*, weights=None, **kwargs):
     """ResNet-34 (21.8M parameters)."""
-    return _resnet(BasicBlock, [3, 4, 6, 3], weights, **kwargs)
+    return _resnet("resnet34", BasicBlock, [3, 4, 6, 3], weights, **kwargs)
 
 
 def resnet50(*, weights=None, **kwargs):
     """ResNet-50 (25.6M parameters)."""
-    return _resnet(Bottleneck, [3, 4, 6, 3], weights, **kwargs)
+    return _resnet("resnet50", Bottleneck, [3, 4, 6, 3], weights, **kwargs)
 
 
 def resnet101(*, weights=None, **kwargs):
     """ResNet-101 (44.5M parameters)."""
-    return _resnet(Bottleneck, [3, 4, 23, 3], weights, **kwargs)
+    return _resnet("resnet101", Bottleneck, [3, 4, 23, 3], weights, **kwargs)
 
 
 def resnet152(*, weights=None, **kwargs):
     """ResNet-152 (60.2M parameters)."""
-    return _resnet(Bottleneck, [3, 8, 36, 3], weights, **kwargs)
+    return _resnet("resnet152", Bottleneck, [3, 8, 36, 3], weights, **kwargs)
 
 
 def resnext50_32x4d(*, weights=None, **kwargs):
     """ResNeXt-50 32x4d: 32 groups of width 4 in each 3x3 convolution."""
-    return _resnet(Bottleneck, [3, 4, 6, 3], weights, groups=32, width_per_group=4, **kwargs)
+    return _resnet("resnext50_32x4d", Bottleneck, [3, 4, 6, 3], weights, groups=32, width_per_group=4, **kwargs)
 
 
 def resnext101_32x8d(*, weights=None, **kwargs):
     """ResNeXt-101 32x8d."""
-    return _resnet(Bottleneck, [3, 4, 23, 3], weights, groups=32, width_per_group=8, **kwargs)
+    return _resnet("resnext101_32x8d", Bottleneck, [3, 4, 23, 3], weights, groups=32, width_per_group=8, **kwargs)
 
 
 def wide_resnet50_2(*, weights=None, **kwargs):
     """Wide ResNet-50-2: Bottleneck width doubled."""
-    return _resnet(Bottleneck, [3, 4, 6, 3], weights, width_per_group=128, **kwargs)
+    return _resnet("wide_resnet50_2", Bottleneck, [3, 4, 6, 3], weights, width_per_group=128, **kwargs)
 
 
 def wide_resnet101_2(*, weights=None, **kwargs):
     """Wide ResNet-101-2."""
-    return _resnet(Bottleneck, [3, 4, 23, 3], weights, width_per_group=128, **kwargs)
+    return _resnet("wide_resnet101_2", Bottleneck, [3, 4, 23, 3], weights, width_per_group=128, **kwargs)

@@ -10,21 +10,31 @@ import time
 
 import numpy as np
 
+from . import UsageError
+
 
 def add_arguments(parser):
-    parser.add_argument("--model", default="resnet18", help="builder name (default: resnet18)")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--model", default="resnet18", help="an ImageNet ResNet builder: resnet18 ... resnet152, "
+                                                             "resnext50_32x4d, ... (default: resnet18)")
+    parser.add_argument("--batch", type=int, default=4, help="images in the batch (default: 4)")
     parser.add_argument("--size", type=int, default=64, help="image height and width (default: 64)")
-    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    parser.add_argument("--backend", default="numpy", help="numpy (cpu) or cupy (cuda); default: numpy")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args) -> int:
     import numres as nr
+    from ..models import resnet
 
+    builders = [name for name in resnet.__all__ if name[:1].islower()]
+    if args.model not in builders:
+        raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(builders)}")
+    if args.batch < 1 or args.size < 32:
+        raise UsageError(f"--batch must be at least 1 and --size at least 32 (an ImageNet ResNet halves the "
+                         f"image five times), got --batch {args.batch} --size {args.size}")
     nr.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    model = getattr(nr, args.model)(num_classes=10, backend=args.backend)
+    model = getattr(resnet, args.model)(num_classes=10, backend=args.backend)
     count = sum(p.size for p in model.parameters())
     print(f"{args.model}: {count:,} parameters, backend={args.backend}, dtype=float32")
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import sys
 
-from .backend import BackendUnavailableError
-from .training import SCHEDULES, NonFiniteLossError, Trainer, TrainConfig, checkpoint_file, model_names
+from ..training import SCHEDULES, NonFiniteLossError, Trainer, TrainConfig, checkpoint_file, model_names
+from . import UsageError
 
 DEFAULTS = TrainConfig()
 RESUMABLE = ("epochs", "backend", "data_dir")
@@ -48,15 +49,15 @@ def add_arguments(parser):
     opt.add_argument("--label-smoothing", type=float, help=f"default: {d.label_smoothing}")
     where = parser.add_argument_group("where and how")
     where.add_argument("--seed", type=int, help=f"seeds initialisation, shuffling and augmentation (default: {d.seed})")
-    where.add_argument("--backend", choices=["numpy", "cupy"], help=f"default: {d.backend}")
+    where.add_argument("--backend", help=f"numpy (cpu) or cupy (cuda); default: {d.backend}")
     where.add_argument("--dtype", choices=["float32", "float64"], help=f"default: {d.dtype}")
     where.add_argument("--out", help="output folder: checkpoint.npz, metrics.csv/json, curves.png "
                                      "(default: runs/DATASET-MODEL)")
     where.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
                        help="continue the run in --out (or the given checkpoint / run folder) exactly")
     where.add_argument("--threads", default="auto",
-                       help="BLAS threads on the CPU (needs threadpoolctl); 'auto': 1 for images of 16x16 or "
-                            "less, whose GEMMs are too small to split, else the library's default")
+                       help="BLAS threads on the CPU; 'auto': 1 for images of 16x16 or less, whose GEMMs are "
+                            "too small to split, else the library's default")
     where.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -70,14 +71,17 @@ def _trainer(args) -> Trainer:
     if args.resume:
         refused = sorted(set(given) - set(RESUMABLE))
         if refused:
-            raise ValueError("with --resume the run's settings come from its checkpoint; only --epochs, --backend "
+            raise UsageError("with --resume the run's settings come from its checkpoint; only --epochs, --backend "
                              f"and --data-dir can be given, not {', '.join('--' + n.replace('_', '-') for n in refused)}")
         source = args.out if args.resume is True else args.resume
         if source is None:
-            raise ValueError("--resume needs a checkpoint or run folder (or --out pointing at the run)")
+            raise UsageError("--resume needs a checkpoint or run folder (or --out pointing at the run)")
         path = checkpoint_file(source)
         print(f"resuming {path}", flush=True)
-        return Trainer.resume(path, out_dir=args.out, progress=args.progress, **given)
+        trainer = Trainer.resume(path, out_dir=args.out, progress=args.progress, **given)
+        for change in trainer.resume_notes:
+            print(f"note: {change}", flush=True)
+        return trainer
     config = TrainConfig(**given)
     out = args.out or os.path.join("runs", f"{config.dataset}-{config.model}")
     if os.path.exists(os.path.join(out, "checkpoint.npz")):
@@ -86,49 +90,74 @@ def _trainer(args) -> Trainer:
 
 
 def _blas_threads(requested, trainer):
-    """A context limiting BLAS threads (threadpoolctl), or a no-op."""
+    """A context setting NumPy's BLAS threads: the same with or without threadpoolctl (same numbers for a seed)."""
+    from ..blas import blas_threads
+
+    if trainer.config.backend != "numpy":
+        return contextlib.nullcontext()
     if requested == "auto":
         small = max(trainer.train_loader.dataset.images.shape[2:]) <= 16
-        if not small or trainer.config.backend != "numpy":
-            return contextlib.nullcontext()
-        count = 1
-    else:
-        try:
-            count = int(requested)
-        except ValueError:
-            raise ValueError(f"--threads must be a number or 'auto', got {requested!r}") from None
+        return blas_threads(1) if small else contextlib.nullcontext()
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        if requested == "auto":
-            return contextlib.nullcontext()
-        raise ValueError("--threads needs threadpoolctl: pip install threadpoolctl") from None
-    return threadpool_limits(count, user_api="blas")
+        count = int(requested)
+    except ValueError:
+        raise UsageError(f"--threads must be a whole number or 'auto', got {requested!r}") from None
+    if count < 1:
+        raise UsageError(f"--threads must be at least 1, got {count}")
+    return blas_threads(count)
 
 
 def _plural(count, word):
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
+def _missing_extras(progress: bool) -> list:
+    """One line for each optional package the run would use but cannot import."""
+    missing = []
+    if progress and importlib.util.find_spec("tqdm") is None:
+        missing.append("tqdm (a progress bar)")
+    if importlib.util.find_spec("matplotlib") is None:
+        missing.append("matplotlib (curves.png)")
+    if not missing:
+        return []
+    return [f"note: without {' and '.join(missing)}; pip install 'numres[train]' adds "
+            f"{'them' if len(missing) > 1 else 'it'}"]
+
+
+def _listing(names) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def run(args) -> int:
-    try:
-        trainer = _trainer(args)
-        threads = _blas_threads(getattr(args, "threads", "auto"), trainer)
-    except (ValueError, FileNotFoundError, BackendUnavailableError) as exc:
-        print(f"numres train: error: {exc}", file=sys.stderr)
-        return 2
+    trainer = _trainer(args)
+    threads = _blas_threads(getattr(args, "threads", "auto"), trainer)
     c = trainer.config
+    if trainer.epoch >= c.epochs:
+        print(f"the run in {trainer.out_dir} has already finished its {_plural(c.epochs, 'epoch')}; nothing to do "
+              f"(give --epochs N with N > {c.epochs} to train it longer)")
+        return 0
     count = sum(p.size for p in trainer.model.parameters())
     print(f"{c.model} ({count:,} parameters) on {c.dataset}: {len(trainer.train_loader.dataset)} train / "
           f"{len(trainer.test_loader.dataset)} test images, {_plural(c.epochs, 'epoch')} of {len(trainer.train_loader)} "
           f"batches of {c.batch_size}, lr {c.lr} ({c.schedule}"
           f"{f', warm-up {c.warmup_epochs}' if c.warmup_epochs else ''}), backend {c.backend}, {c.dtype}",
           flush=True)
+    unreached = c.unreached_milestones()
+    if unreached:
+        why = ("they only apply to --schedule multistep" if c.schedule != "multistep" else
+               f"the last epoch is {c.epochs}; they take effect only if the run is extended (--resume --epochs N)")
+        print(f"note: milestone{'s' if len(unreached) > 1 else ''} {', '.join(map(str, unreached))} will not be "
+              f"reached: {why}", flush=True)
+    for line in _missing_extras(args.progress):
+        print(line, flush=True)
+    created = not os.path.exists(trainer.out_dir)
     try:
         with threads:
             status = trainer.fit()
     except NonFiniteLossError as exc:
         print(f"numres train: stopped: {exc}", file=sys.stderr)
+        if created and os.path.isdir(trainer.out_dir) and not os.listdir(trainer.out_dir):
+            os.rmdir(trainer.out_dir)          # leave nothing behind when nothing was written
         return 1
     except KeyboardInterrupt:
         print(f"\nnumres train: stopped at once; {trainer.checkpoint_path} holds the last completed epoch",
@@ -140,5 +169,5 @@ def run(args) -> int:
     if final:
         total = sum(r["epoch_seconds"] for r in trainer.history)
         print(f"done: test accuracy {final['test_acc']:.4f} after {_plural(final['epoch'], 'epoch')} "
-              f"({total:.0f}s training); checkpoint, metrics and curves in {trainer.out_dir}")
+              f"({total:.0f}s training); {_listing(trainer.written_files())} in {trainer.out_dir}")
     return 0

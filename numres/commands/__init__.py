@@ -1,0 +1,73 @@
+"""The ``numres`` command (also ``python -m numres``): argument parsing and printing, nothing else.
+
+Each sub-command lives in a module of this package that provides ``add_arguments(parser)``
+and ``run(args) -> int``; the work itself is done by numres's library modules
+(:mod:`numres.training`, :mod:`numres.inference`, :mod:`numres.summary`, :mod:`numres.study`).
+A module is imported only when its command is used, so ``numres --help`` stays fast.
+
+A user error (a missing file, an unknown model, a bad value, a GPU backend without a GPU)
+ends in one line on stderr, ``numres COMMAND: error: ...``, and exit status 2, as argparse's
+own errors do.  ``NUMRES_DEBUG=1`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = {
+    "train": "train a ResNet on the embedded digits, CIFAR-10 or a folder of images",
+    "evaluate": "accuracy and confusion matrix of a checkpoint on a dataset split",
+    "predict": "top-5 classes of images, with a numres checkpoint or torchvision weights",
+    "summary": "per-layer table of output shapes, parameters and multiply-accumulates",
+    "study": "experiments on gradient flow and degradation (gradflow, degradation)",
+    "demo": "forward and backward of a ResNet, plus a finite-difference gradient check",
+}
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported in one line, exit status 2."""
+
+
+def user_errors() -> tuple:
+    """The exception types that mean "the user asked for something that cannot be done here".
+
+    ImportError is among them because numres raises it only for a missing optional package,
+    with the command that installs it.
+    """
+    from ..backend import BackendUnavailableError
+    from ..nn import StateDictError
+    return (UsageError, ValueError, ImportError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+            BackendUnavailableError, StateDictError)
+
+
+def version() -> str:
+    from .. import __version__
+    return __version__
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="numres", description="ResNets from scratch on NumPy/CuPy.")
+    parser.add_argument("--version", action="version", version=f"numres {version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    for name, help_text in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(f"{__name__}.{name}").add_arguments(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from ..allocator import retain_freed_memory
+    retain_freed_memory()       # a command owns its process: reuse freed activation memory
+    module = importlib.import_module(f"{__name__}.{args.command}")
+    try:
+        return int(module.run(args) or 0)
+    except user_errors() as exc:
+        if os.environ.get("NUMRES_DEBUG"):
+            raise
+        print(f"numres {args.command}: error: {exc}", file=sys.stderr)
+        return 2
