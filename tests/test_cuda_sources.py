@@ -332,7 +332,7 @@ def test_resnets_train_through_the_kernels_like_the_generic_path(builder, rng):
     target = np.array([1, 9])
     losses_ref, reference = _train(builder, x, target)
     import numres.cuda as cuda
-    rt = shim.ShimRuntime(max_blocks=8)
+    rt = shim.ShimRuntime(max_blocks=8, block_threads=4)
     with runtime.use_host_runtime(rt):
         try:
             cuda.register_kernels("numpy")
@@ -504,3 +504,115 @@ def test_conv_kernel_skips_the_weight_gradient_when_asked(host, rng, need_input_
         assert_close(dx, F.conv2d_backward(dy, cache_ref)[0], "float64", "dx")
     else:
         assert dx is None
+
+
+# --- block kernels: shared memory and __syncthreads on the CPU ------------------------------------------
+
+_BARRIER_PROBE = r"""
+// Thread t writes slot t, waits at the barrier, then reads its neighbour's slot: correct only if
+// every thread of the block has written before any reads.
+__device__ void neighbour_sum(const double* in, double* out)
+{
+    __shared__ double slot[64];
+    const unsigned t = threadIdx.x;
+    slot[t] = in[blockIdx.x * blockDim.x + t];
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + t] = slot[t] + slot[(t + 1) % blockDim.x];
+}
+
+// Thread 0 returns early: the others wait at a barrier it never reaches (undefined on a GPU).
+__device__ void divergent(double* out)
+{
+    if (threadIdx.x == 0) return;
+    __syncthreads();
+    out[threadIdx.x] = 1.0;
+}
+
+extern "C" void run_neighbour_sum(unsigned blocks, unsigned threads, const double* in, double* out)
+{ NUMRES_SHIM_RUN_BLOCKS((numres_dim3{blocks, 1, 1}), (numres_dim3{threads, 1, 1}), neighbour_sum(in, out)); }
+extern "C" void run_divergent(unsigned threads, double* out)
+{ NUMRES_SHIM_RUN_BLOCKS((numres_dim3{1, 1, 1}), (numres_dim3{threads, 1, 1}), divergent(out)); }
+extern "C" void run_barrier_in_a_map(double* out)
+{ NUMRES_SHIM_RUN_GRID((numres_dim3{1, 1, 1}), (numres_dim3{2, 1, 1}), neighbour_sum(out, out)); }
+"""
+
+
+@pytest.fixture(scope="module")
+def barrier_probe():
+    if shim.compiler() is None:
+        pytest.skip("g++ not installed")
+    import ctypes
+    library = shim.build_text(sources.read(sources.SHIM_HEADER) + _BARRIER_PROBE, "barrier-probe")
+    pointer = ctypes.c_void_p
+    library.run_neighbour_sum.argtypes = [ctypes.c_uint, ctypes.c_uint, pointer, pointer]
+    library.run_divergent.argtypes = [ctypes.c_uint, pointer]
+    library.run_barrier_in_a_map.argtypes = [pointer]
+    return library
+
+
+@pytest.mark.parametrize("reverse", [0, 1])
+@pytest.mark.parametrize("blocks, threads", [(1, 1), (3, 7), (2, 64)])
+def test_the_shim_honours_syncthreads_and_shared_memory(barrier_probe, rng, reverse, blocks, threads):
+    values = rng.standard_normal((blocks, threads))
+    out = np.full_like(values, np.nan)
+    barrier_probe.numres_shim_set_order(reverse)
+    barrier_probe.run_neighbour_sum(blocks, threads, values.ctypes.data, out.ctypes.data)
+    barrier_probe.numres_shim_set_order(0)
+    assert barrier_probe.numres_shim_take_error() == 0
+    np.testing.assert_array_equal(out, values + np.roll(values, -1, axis=1))
+
+
+def test_the_shim_reports_a_divergent_barrier(barrier_probe):
+    out = np.zeros(4)
+    barrier_probe.run_divergent(4, out.ctypes.data)
+    assert barrier_probe.numres_shim_take_error() == 1
+    barrier_probe.run_barrier_in_a_map(out.ctypes.data)
+    assert barrier_probe.numres_shim_take_error() == 2
+    assert barrier_probe.numres_shim_take_error() == 0          # taking the error clears it
+
+
+def test_block_launch_shapes():
+    assert runtime.block_shape(64, 2048, 4224) == ((64, 1, 1), (256, 1, 1))
+    assert runtime.block_shape(2048, 3, 100) == ((100, 1, 1), (4, 1, 1))
+    assert runtime.block_shape(5, 1, 3) == ((3, 1, 1), (1, 1, 1))
+    assert runtime.block_shape(5, 100, 3, max_threads=48) == ((3, 1, 1), (32, 1, 1))
+    assert sources.KERNELS["bn_finalize_moments"].layout == sources.KERNELS["bn_backward_finalize"].layout == "block"
+    assert f"#define NUMRES_BLOCK_THREADS {runtime.BLOCK_THREADS}" in sources.read(sources.COMMON_HEADER)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("max_blocks, block_threads", [(1, 1), (3, 4), (5, 256)])
+def test_batchnorm_finalize_blocks_match_generic(rng, reverse, max_blocks, block_threads):
+    """The block-per-channel tree reductions, with blocks wrapping over channels (max_blocks < C) and
+    threads wrapping over lanes (block_threads < lanes), against the generic op in float64."""
+    if shim.compiler() is None:
+        pytest.skip("g++ not installed")
+    shape = (3, 11, 7, 5)
+    values = (rng.standard_normal(shape) * 2 + 3)
+    weight, bias = rng.uniform(0.5, 2, 11), rng.standard_normal(11)
+    mine, ref = [np.zeros(11), np.ones(11)], [np.zeros(11), np.ones(11)]
+
+    class FewFinalizeBlocks(shim.ShimRuntime):
+        """Many lanes for the partial sums, but only ``max_blocks`` blocks for the block kernels."""
+
+        def launch(self, name, dtype, rows, cols, args, max_blocks=None):
+            if sources.KERNELS[name].layout == "block":
+                max_blocks = finalize_blocks
+            return super().launch(name, dtype, rows, cols, args, max_blocks)
+
+    finalize_blocks = max_blocks
+    rt = FewFinalizeBlocks(max_blocks=64, reverse=reverse, block_threads=block_threads)
+    lanes = batchnorm._lanes(rt, 3 * 7 * 5, 11)
+    with runtime.use_host_runtime(rt):
+        y, cache = batchnorm.batchnorm_train_forward(framed_input(values), weight, bias, *mine, 0.1, 1e-5, True)
+        dy = rng.standard_normal(shape)
+        got = batchnorm.batchnorm_backward(framed_input(dy, channels_last=False), cache)
+    y_ref, cache_ref = F.batchnorm_train_forward(values, weight, bias, *ref, 0.1, 1e-5, True)
+    finalize = [(grid, block) for entry, grid, block in rt.launches if "finalize" in entry]
+    assert finalize == [((min(max_blocks, 11), 1, 1), (min(block_threads, runtime._pow2_at_least(lanes)), 1, 1))] * 2
+    assert lanes > 4
+    assert_close(y, y_ref, "float64", "y")
+    assert_close(mine[0], ref[0], "float64", "running_mean")
+    assert_close(mine[1], ref[1], "float64", "running_var")
+    for name, a, b in zip(("dx", "dweight", "dbias"), got, F.batchnorm_backward(dy, cache_ref)):
+        assert_close(a, b, "float64", name)

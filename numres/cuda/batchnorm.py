@@ -68,7 +68,7 @@ MAX_LANES = 2048
 
 def _reduction_budget(rt, rows, channels):
     """Block budget for the partial-sum kernels: about a quarter of the device's threads, split into
-    row lanes, but at most MAX_LANES lanes - the finalize kernels add the lanes one by one."""
+    row lanes, but at most MAX_LANES lanes (the finalize kernels' blocks add each channel's lanes)."""
     (gx, _, _), (bx, by, _) = map_shape(rows, channels, rt.max_blocks)
     target_lanes = max(1, min(MAX_LANES, rt.max_blocks * 64 // (gx * bx)))
     return gx * max(1, target_lanes // by)
@@ -107,8 +107,8 @@ def batchnorm_train_forward(x, weight, bias, running_mean, running_var, momentum
     affine = weight is not None
     weight, bias = _affine_params(weight, bias, channels, x.dtype, xp)
     lanes = _lanes(rt, rows, channels)
-    psum = xp.empty((lanes, channels), dtype="float64")
-    psumsq = xp.empty((lanes, channels), dtype="float64")
+    psum = xp.empty((channels, lanes), dtype="float64")
+    psumsq = xp.empty((channels, lanes), dtype="float64")
     grid, block = rt.launch("bn_partial_moments", x.dtype, rows, channels, (x_rows, rows, channels, psum, psumsq),
                             max_blocks=_reduction_budget(rt, rows, channels))
     assert grid[1] * block[1] == lanes
@@ -119,7 +119,7 @@ def batchnorm_train_forward(x, weight, bias, running_mean, running_var, momentum
         raise ValueError("BatchNorm running statistics must be contiguous arrays (they are updated in place)")
     on_device = isinstance(momentum, xp.ndarray)
     momentum_array = momentum.astype("float64").reshape(1) if on_device else psum
-    rt.launch("bn_finalize_moments", x.dtype, 1, channels,
+    rt.launch("bn_finalize_moments", x.dtype, lanes, channels,
               (x_rows, psum, psumsq, lanes, rows, channels, weight, float(eps), int(update),
                0.0 if on_device else float(momentum), momentum_array, int(on_device),
                running_mean if update else mean, running_var if update else invstd, mean, invstd, scale))
@@ -155,14 +155,14 @@ def batchnorm_backward(dy, cache):
     rows, channels = cache.rows.shape
     dy_rows = _channel_rows(dy, xp)
     lanes = _lanes(rt, rows, channels)
-    pg = xp.empty((lanes, channels), dtype="float64")
-    pgx = xp.empty((lanes, channels), dtype="float64")
+    pg = xp.empty((channels, lanes), dtype="float64")
+    pgx = xp.empty((channels, lanes), dtype="float64")
     grid, block = rt.launch("bn_backward_partials", dy.dtype, rows, channels,
                             (dy_rows, cache.rows, rows, channels, cache.mean, cache.scale, cache.bias,
                              int(cache.relu), pg, pgx), max_blocks=_reduction_budget(rt, rows, channels))
     assert grid[1] * block[1] == lanes
     dweight, dbias, shift, slope = (xp.empty(channels, dtype=dy.dtype) for _ in range(4))
-    rt.launch("bn_backward_finalize", dy.dtype, 1, channels,
+    rt.launch("bn_backward_finalize", dy.dtype, lanes, channels,
               (pg, pgx, lanes, rows, channels, cache.invstd, cache.scale, int(cache.training), dweight, dbias,
                shift, slope))
     dx = xp.empty_like(cache.rows)

@@ -47,6 +47,18 @@ def map_shape(rows: int, cols: int, max_blocks: int):
     return (gx, gy, 1), (bx, by, 1)
 
 
+def block_shape(items: int, threads: int, max_blocks: int, max_threads: int = BLOCK_THREADS):
+    """``(grid, block)`` for a block kernel: one block per item (at most ``max_blocks``; the kernel's
+    grid-stride loop over blocks covers the rest) with a power-of-two number of threads, enough for
+    ``threads`` values per item where possible, at most ``max_threads`` (the kernel loops over the rest)."""
+    threads = min(_pow2_at_least(max(1, int(threads))), _pow2_floor(max_threads))
+    return (max(1, min(int(items), int(max_blocks))), 1, 1), (threads, 1, 1)
+
+
+def _pow2_floor(value: int) -> int:
+    return 1 << (max(1, int(value)).bit_length() - 1)
+
+
 def check_extent(value: int, what: str) -> int:
     """Kernels index each dimension with 32-bit ints; refuse extents that would overflow them."""
     if value > INT32_MAX - (1 << 24):
@@ -67,11 +79,14 @@ class Runtime:
 
     xp = None
     max_blocks = 1
+    block_threads = BLOCK_THREADS       # threads per block of a block kernel (a power of two)
 
     def launch(self, name: str, dtype, rows: int, cols: int, args: tuple, max_blocks: int | None = None):
         """Run kernel ``name`` for ``dtype`` over a ``rows x cols`` map; returns the ``(grid, block)`` used.
 
-        ``max_blocks`` lowers the block budget below the runtime's (never above it).
+        For a block kernel, ``cols`` is the number of items (one block each) and ``rows`` the number of
+        values each item's threads reduce.  ``max_blocks`` lowers the block budget below the
+        runtime's (never above it).
         """
         kernel = sources.KERNELS[name]
         dtype = np.dtype(dtype)
@@ -79,7 +94,10 @@ class Runtime:
             raise TypeError(f"{name} takes {len(kernel.params)} arguments, got {len(args)}")
         converted = [self._argument(kind, param, value, dtype, name) for (kind, param), value in
                      zip(kernel.params, args)]
-        grid, block = map_shape(rows, cols, self.budget(max_blocks))
+        if kernel.layout == "block":
+            grid, block = block_shape(cols, rows, self.budget(max_blocks), self.block_threads)
+        else:
+            grid, block = map_shape(rows, cols, self.budget(max_blocks))
         self._run(kernel, dtype, grid, block, converted)
         return grid, block
 

@@ -10,9 +10,14 @@ and the kernel ops in :mod:`numres.cuda` accept NumPy arrays::
     with runtime.use_host_runtime(shim.ShimRuntime()):
         cols, out_hw = conv.im2col(x, (3, 3), (1, 1), (1, 1))     # x: a NumPy array
 
-Running the threads one after another is exact for these kernels: none uses shared memory,
-barriers or atomics, and no thread reads what another writes.  ``reverse=True`` runs the
-threads in the opposite order, to show that results do not depend on it.
+Running the threads one after another is exact for the map kernels: none uses shared memory,
+barriers or atomics, and no thread reads what another writes.  The block kernels (shared memory
+and ``__syncthreads``) run block by block, each block's threads as fibers that all meet at every
+barrier before any goes on (see ``kernels/shim.h``); a divergent barrier is an error.
+``reverse=True`` runs the threads in the opposite order, to show that results do not depend on
+it; ``block_threads`` caps the threads per block of the block kernels (32 by default, to keep
+the fibers cheap; a small number makes their per-thread loops wrap, as a large problem does on
+the GPU, and the tests also run the GPU's 256).
 """
 from __future__ import annotations
 
@@ -39,15 +44,21 @@ def compiler() -> str | None:
 
 def build(unit: str) -> ctypes.CDLL:
     """Compile ``unit`` (``"im2col.cu"``, ...) with g++ under the shim and load it (built once per content)."""
-    if unit in _LIBRARIES:
-        return _LIBRARIES[unit]
-    text = sources.shim_source(unit)
+    if unit not in _LIBRARIES:
+        _LIBRARIES[unit] = build_text(sources.shim_source(unit), Path(unit).stem)
+    return _LIBRARIES[unit]
+
+
+def build_text(text: str, stem: str = "kernel") -> ctypes.CDLL:
+    """Compile C++ ``text`` (which includes the shim header's text itself) into a library and load it;
+    the library is cached on disk by content.  :func:`build` uses it, and tests of the shim build
+    small kernels of their own with it."""
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     gxx = compiler()
     if gxx is None:
         raise RuntimeError("g++ is needed to run numres's CUDA kernels on the CPU")
     _BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    source = _BUILD_DIR / f"{Path(unit).stem}-{digest}.cpp"
+    source = _BUILD_DIR / f"{stem}-{digest}.cpp"
     library = source.with_suffix(".so")
     if not library.exists():
         source.write_text(text)
@@ -56,10 +67,9 @@ def build(unit: str) -> ctypes.CDLL:
             [gxx, "-O1", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-o", str(partial),
              str(source)], capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"g++ could not build {unit} under the shim:\n{result.stderr}")
+            raise RuntimeError(f"g++ could not build {stem} under the shim:\n{result.stderr}")
         partial.replace(library)        # atomic: a concurrent build never loads half a library
-    _LIBRARIES[unit] = ctypes.CDLL(str(library))
-    return _LIBRARIES[unit]
+    return ctypes.CDLL(str(library))
 
 
 CANARY_ELEMENTS = 64
@@ -120,8 +130,10 @@ class ShimRuntime(runtime.Runtime):
     framed by canaries (``canaries=True``) and checked after every launch.
     """
 
-    def __init__(self, max_blocks: int = 3, reverse: bool = False, canaries: bool = True):
+    def __init__(self, max_blocks: int = 3, reverse: bool = False, canaries: bool = True,
+                 block_threads: int = 32):
         self.max_blocks = max_blocks
+        self.block_threads = block_threads
         self.reverse = reverse
         self.xp = CanaryNumpy() if canaries else np
         self.launches = []          # (kernel entry, grid, block) of every launch, for tests to inspect
@@ -146,6 +158,11 @@ class ShimRuntime(runtime.Runtime):
         function.restype = None
         library.numres_shim_set_order(int(self.reverse))
         function(*values)
+        error = library.numres_shim_take_error()
+        if error:
+            raise RuntimeError(f"kernel {entry}: " + ("threads of one block diverged at __syncthreads (some returned "
+                                                      "while others waited)" if error == 1 else
+                                                      "__syncthreads in a kernel launched as a map"))
         self.launches.append((entry, grid, block))
         if isinstance(self.xp, CanaryNumpy):
             self.xp.check(entry)

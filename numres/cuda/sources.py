@@ -31,10 +31,14 @@ DTYPES = {"float32": ("float", "f32"), "float64": ("double", "f64")}
 
 
 class Kernel(NamedTuple):
-    """One templated kernel: the file it lives in, its name and its parameters ``(type, name)``."""
+    """One templated kernel: the file it lives in, its name, its parameters ``(type, name)`` and its
+    launch layout: ``"map"`` (a 2-D grid of independent threads, :func:`numres.cuda.runtime.map_shape`)
+    or ``"block"`` (one block per item, threads that meet at ``__syncthreads``,
+    :func:`numres.cuda.runtime.block_shape`)."""
     unit: str
     name: str
     params: tuple
+    layout: str = "map"
 
     def entry(self, dtype) -> str:
         """The plain name of the entry point for ``dtype`` (``float32``/``float64``)."""
@@ -68,7 +72,8 @@ KERNELS = {kernel.name: kernel for kernel in [
     Kernel("batchnorm.cu", "bn_finalize_moments", _params(
         "const T* x, const double* psum, const double* psumsq, int lanes, int rows, int channels, "
         "const T* weight, double eps, int update_running, double momentum, const double* momentum_ptr, "
-        "int momentum_on_device, T* running_mean, T* running_var, T* mean_out, T* invstd_out, T* scale_out")),
+        "int momentum_on_device, T* running_mean, T* running_var, T* mean_out, T* invstd_out, T* scale_out"),
+        layout="block"),
     Kernel("batchnorm.cu", "bn_eval_params", _params(
         "const T* running_mean, const T* running_var, const T* weight, double eps, int channels, "
         "T* mean_out, T* invstd_out, T* scale_out")),
@@ -79,7 +84,7 @@ KERNELS = {kernel.name: kernel for kernel in [
         "int relu, double* pg, double* pgx")),
     Kernel("batchnorm.cu", "bn_backward_finalize", _params(
         "const double* pg, const double* pgx, int lanes, int rows, int channels, const T* invstd, "
-        "const T* scale, int training, T* dweight, T* dbias, T* shift_out, T* slope_out")),
+        "const T* scale, int training, T* dweight, T* dbias, T* shift_out, T* slope_out"), layout="block"),
     Kernel("batchnorm.cu", "bn_backward_dx", _params(
         "const T* dy, const T* x, int rows, int channels, const T* mean, const T* scale, const T* bias, "
         "int relu, const T* shift, const T* slope, T* dx")),
@@ -129,7 +134,8 @@ def entry_points(unit: str) -> str:
 
 
 def shim_launchers(unit: str) -> str:
-    """For the CPU build: ``numres_launch_<entry>(grid, block, params...)`` runs every thread in turn."""
+    """For the CPU build: ``numres_launch_<entry>(grid, block, params...)`` runs every thread in turn
+    (map kernels) or every block's threads as fibers that meet at each barrier (block kernels)."""
     lines = []
     for kernel in KERNELS.values():
         if kernel.unit != unit:
@@ -140,7 +146,7 @@ def shim_launchers(unit: str) -> str:
                 f'extern "C" void numres_launch_{entry}(unsigned numres_gx, unsigned numres_gy, '
                 f'unsigned numres_gz, unsigned numres_bx, unsigned numres_by, unsigned numres_bz, '
                 f'{_signature(kernel, dtype)})\n'
-                f'{{ NUMRES_SHIM_RUN_GRID((numres_dim3{{numres_gx, numres_gy, numres_gz}}), '
+                f'{{ {"NUMRES_SHIM_RUN_BLOCKS" if kernel.layout == "block" else "NUMRES_SHIM_RUN_GRID"}((numres_dim3{{numres_gx, numres_gy, numres_gz}}), '
                 f'(numres_dim3{{numres_bx, numres_by, numres_bz}}), {entry}({_arguments(kernel)})); }}')
     return "\n".join(lines) + "\n"
 

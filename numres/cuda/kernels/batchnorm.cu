@@ -9,13 +9,15 @@
 //             dx = scale * g                                               (evaluation)
 //
 // Reductions are done in one pass over the data, in double, by a grid of "lanes": lane l sums
-// rows l, l + L, l + 2L, ... of every channel it owns and writes its partial result; a small
-// finalize kernel adds the L partials in lane order.  No atomics, so results are reproducible.
+// rows l, l + L, l + 2L, ... of every channel it owns and writes its partial result to
+// partial[c, l] (channel-major, so a channel's L partials are contiguous); a finalize kernel
+// then runs one block per channel, its threads read the L partials (coalesced) and add them in
+// a shared-memory tree (numres_block_sum2).  No atomics, so results are reproducible.
 // The variance uses sums of d = x - K with K = x[0, c] (a shifted-data one-pass formula):
 //   mean = K + S/m,   var = SS/m - (S/m)^2,   S = sum d,  SS = sum d^2,
 // which does not lose precision to cancellation when |mean| >> std.
 
-// Partial sums of the shifted data: psum[l, c] = sum d, psumsq[l, c] = sum d^2 over lane l's rows.
+// Partial sums of the shifted data: psum[c, l] = sum d, psumsq[c, l] = sum d^2 over lane l's rows.
 template <typename T>
 __device__ void bn_partial_moments(const T* __restrict__ x, int rows, int channels,
                                    double* __restrict__ psum, double* __restrict__ psumsq)
@@ -29,8 +31,9 @@ __device__ void bn_partial_moments(const T* __restrict__ x, int rows, int channe
             sum += d;
             sumsq += d * d;
         }
-        psum[(long long)lane * channels + c] = sum;
-        psumsq[(long long)lane * channels + c] = sumsq;
+        const long long at = (long long)c * numres_row_step() + lane;
+        psum[at] = sum;
+        psumsq[at] = sumsq;
     }
 }
 
@@ -38,6 +41,8 @@ __device__ void bn_partial_moments(const T* __restrict__ x, int rows, int channe
 // (PyTorch's: running = (1 - momentum) running + momentum batch, with the unbiased variance),
 // and the values the apply/backward kernels use.  momentum is read from momentum_ptr[0] when
 // momentum_on_device != 0 (PyTorch's cumulative average, 1 / num_batches_tracked, lives on the device).
+// A block kernel: block b handles channels b, b + gridDim.x, ...; its threads add the channel's
+// lanes in shared memory, and thread 0 writes the results.
 template <typename T>
 __device__ void bn_finalize_moments(const T* __restrict__ x, const double* __restrict__ psum,
                                     const double* __restrict__ psumsq, int lanes, int rows, int channels,
@@ -46,26 +51,34 @@ __device__ void bn_finalize_moments(const T* __restrict__ x, const double* __res
                                     T* __restrict__ running_mean, T* __restrict__ running_var,
                                     T* __restrict__ mean_out, T* __restrict__ invstd_out, T* __restrict__ scale_out)
 {
-    if (numres_row0() != 0) return;
-    for (int c = numres_col0(); c < channels; c += numres_col_step()) {
+    __shared__ double sum_shared[NUMRES_BLOCK_THREADS];
+    __shared__ double sumsq_shared[NUMRES_BLOCK_THREADS];
+    const int t = (int)threadIdx.x;
+    for (int c = (int)blockIdx.x; c < channels; c += (int)gridDim.x) {
         double sum = 0.0, sumsq = 0.0;
-        for (int l = 0; l < lanes; ++l) {
-            sum += psum[(long long)l * channels + c];
-            sumsq += psumsq[(long long)l * channels + c];
+        for (int l = t; l < lanes; l += (int)blockDim.x) {
+            sum += psum[(long long)c * lanes + l];
+            sumsq += psumsq[(long long)c * lanes + l];
         }
-        const double shifted_mean = sum / rows;
-        const double mean = (double)x[c] + shifted_mean;
-        double var = sumsq / rows - shifted_mean * shifted_mean;
-        if (var < 0.0) var = 0.0;
-        const double invstd = 1.0 / sqrt(var + eps);
-        if (update_running) {
-            const double m = momentum_on_device ? momentum_ptr[0] : momentum;
-            running_mean[c] = (T)((1.0 - m) * (double)running_mean[c] + m * mean);
-            running_var[c] = (T)((1.0 - m) * (double)running_var[c] + m * var * rows / (rows - 1.0));
+        sum_shared[t] = sum;
+        sumsq_shared[t] = sumsq;
+        numres_block_sum2(sum_shared, sumsq_shared);
+        if (t == 0) {
+            const double shifted_mean = sum_shared[0] / rows;
+            const double mean = (double)x[c] + shifted_mean;
+            double var = sumsq_shared[0] / rows - shifted_mean * shifted_mean;
+            if (var < 0.0) var = 0.0;
+            const double invstd = 1.0 / sqrt(var + eps);
+            if (update_running) {
+                const double m = momentum_on_device ? momentum_ptr[0] : momentum;
+                running_mean[c] = (T)((1.0 - m) * (double)running_mean[c] + m * mean);
+                running_var[c] = (T)((1.0 - m) * (double)running_var[c] + m * var * rows / (rows - 1.0));
+            }
+            mean_out[c] = (T)mean;
+            invstd_out[c] = (T)invstd;
+            scale_out[c] = (T)(invstd * (double)weight[c]);
         }
-        mean_out[c] = (T)mean;
-        invstd_out[c] = (T)invstd;
-        scale_out[c] = (T)(invstd * (double)weight[c]);
+        __syncthreads();            // thread 0 has read the sums before the next channel overwrites them
     }
 }
 
@@ -111,7 +124,7 @@ __device__ __forceinline__ T bn_masked_grad(T dy, T x, T mean, T scale, T bias, 
     return (relu && !(bn_affine(x, mean, scale, bias) > (T)0)) ? (T)0 : dy;
 }
 
-// Partial sums for backward: pg[l, c] = sum g, pgx[l, c] = sum g * (x - mean) over lane l's rows.
+// Partial sums for backward: pg[c, l] = sum g, pgx[c, l] = sum g * (x - mean) over lane l's rows.
 template <typename T>
 __device__ void bn_backward_partials(const T* __restrict__ dy, const T* __restrict__ x, int rows, int channels,
                                      const T* __restrict__ mean, const T* __restrict__ scale,
@@ -127,13 +140,15 @@ __device__ void bn_backward_partials(const T* __restrict__ dy, const T* __restri
             sum_g += (double)g;
             sum_gx += (double)g * ((double)x[at] - (double)mean[c]);
         }
-        pg[(long long)lane * channels + c] = sum_g;
-        pgx[(long long)lane * channels + c] = sum_gx;
+        const long long at = (long long)c * numres_row_step() + lane;
+        pg[at] = sum_g;
+        pgx[at] = sum_gx;
     }
 }
 
 // Per channel: dbias, dweight, and the coefficients of dx = scale * g - shift - (x - mean) * slope:
 //   shift = scale * dbias / m,   slope = scale * invstd * dweight / m     (both 0 in evaluation mode).
+// A block kernel, like bn_finalize_moments.
 template <typename T>
 __device__ void bn_backward_finalize(const double* __restrict__ pg, const double* __restrict__ pgx, int lanes,
                                      int rows, int channels, const T* __restrict__ invstd,
@@ -141,18 +156,27 @@ __device__ void bn_backward_finalize(const double* __restrict__ pg, const double
                                      T* __restrict__ dweight, T* __restrict__ dbias,
                                      T* __restrict__ shift_out, T* __restrict__ slope_out)
 {
-    if (numres_row0() != 0) return;
-    for (int c = numres_col0(); c < channels; c += numres_col_step()) {
+    __shared__ double g_shared[NUMRES_BLOCK_THREADS];
+    __shared__ double gx_shared[NUMRES_BLOCK_THREADS];
+    const int t = (int)threadIdx.x;
+    for (int c = (int)blockIdx.x; c < channels; c += (int)gridDim.x) {
         double sum_g = 0.0, sum_gx = 0.0;
-        for (int l = 0; l < lanes; ++l) {
-            sum_g += pg[(long long)l * channels + c];
-            sum_gx += pgx[(long long)l * channels + c];
+        for (int l = t; l < lanes; l += (int)blockDim.x) {
+            sum_g += pg[(long long)c * lanes + l];
+            sum_gx += pgx[(long long)c * lanes + l];
         }
-        const double grad_weight = sum_gx * (double)invstd[c];
-        dbias[c] = (T)sum_g;
-        dweight[c] = (T)grad_weight;
-        shift_out[c] = training ? (T)((double)scale[c] * sum_g / rows) : (T)0;
-        slope_out[c] = training ? (T)((double)scale[c] * (double)invstd[c] * grad_weight / rows) : (T)0;
+        g_shared[t] = sum_g;
+        gx_shared[t] = sum_gx;
+        numres_block_sum2(g_shared, gx_shared);
+        if (t == 0) {
+            const double total_g = g_shared[0];
+            const double grad_weight = gx_shared[0] * (double)invstd[c];
+            dbias[c] = (T)total_g;
+            dweight[c] = (T)grad_weight;
+            shift_out[c] = training ? (T)((double)scale[c] * total_g / rows) : (T)0;
+            slope_out[c] = training ? (T)((double)scale[c] * (double)invstd[c] * grad_weight / rows) : (T)0;
+        }
+        __syncthreads();            // thread 0 has read the sums before the next channel overwrites them
     }
 }
 
