@@ -6,6 +6,9 @@
   (see :mod:`numres.data.cifar`).
 * :class:`DataLoader` - seeded shuffling, batching, augmentation and normalisation on
   the model's backend.
+* :class:`ImageFolder` - a folder of images, one sub-folder per class (torchvision's layout),
+  with torchvision's transforms in :mod:`numres.data.transforms`, and :class:`ImageLoader`,
+  which decodes and augments them in worker processes (:mod:`numres.data.workers`).
 
 ``AUGMENTATION[name]`` is each dataset's default training augmentation: CIFAR-10 uses the
 paper's random 32x32 crop from the image padded by 4 zero pixels, and random horizontal
@@ -14,7 +17,10 @@ eighth of the image) and **no** flip: a mirrored 2, 3, 4, 5, 6, 7 or 9 is not th
 """
 from .cifar import CifarFormatError, load_cifar10
 from .digits import load_digits
+from . import transforms
+from .imagefolder import IMG_EXTENSIONS, BadImageError, ImageFolder, make_shapes_folder
 from .loader import DataLoader, ImageDataset
+from .workers import ImageLoader, LoaderWorkerError, WorkerDiedError
 from .sampler import DistributedEvalSampler, DistributedSampler, shard
 
 DATASETS = ("digits", "cifar10")
