@@ -32,7 +32,7 @@ docs/winograd.md derives both with a worked 4x4 tile.
 
 Layout and cost.  As in :mod:`numres.functional.conv`, activations are NCHW-shaped and stored
 channels-last, weights are stored ``(3, 3, I, O)``, and the batch is worked through in chunks
-whose transformed tiles fit :data:`numres.functional.conv.WORKSPACE_ELEMENTS`.  The transforms
+whose transformed tiles fit :data:`WORKSPACE_ELEMENTS`.  The transforms
 are where the time goes besides the matmul, so each is written as a few adds and subtracts of
 strided slices into preallocated buffers (no einsum with tiny matrices), on cache-sized runs of
 tile rows on all cores (:func:`numres.parallel.map_tiles`).  An output whose height or width is
@@ -48,9 +48,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from ..backend import xp_of
-from ..parallel import map_tiles
-from .conv import WORKSPACE_ELEMENTS, output_size, pad_nhwc, pair
+from ..parallel import get_num_threads, map_tiles
+from .conv import output_size, pair
 
 
 class WinogradTransforms(NamedTuple):
@@ -98,6 +100,12 @@ F4 = WinogradTransforms(
 
 TRANSFORMS = {2: F2, 4: F4}
 
+# Measured on one core of a Xeon (AVX-512), 3x3 layers of ResNet at batch 8: runs of about 1 MiB of
+# transformed tiles amortise NumPy's per-call cost, and chunks of about 4 MiB keep the transformed
+# tiles in cache between the transform and the GEMM (16 MiB chunks were 10-30% slower).
+TRANSFORM_TILE_ELEMENTS = 1 << 18    # transformed-tile elements per run of tile rows (1 MiB of float32)
+WORKSPACE_ELEMENTS = 1 << 20         # transformed-tile elements per chunk of images, at least one run per thread
+
 
 def transposed(matrix):
     """The transpose of a nested-tuple matrix."""
@@ -114,70 +122,104 @@ def transforms_for(tile):
 # --- the one building block: out = sum_j coefficient_j * array_j --------------------------------------
 
 
-def combine(xp, out, coefficients, arrays):
-    """``out[...] = sum_j coefficients[j] * arrays[j]``, skipping zero coefficients.
-
-    Coefficients +1 and -1 (all of F(2,3)'s input and output transforms) cost one add or
-    subtract each; any other coefficient costs a multiply into a scratch buffer first.
-    """
-    terms = [(c, a) for c, a in zip(coefficients, arrays) if c != 0]
-    (first, a0), rest = terms[0], terms[1:]
-    if rest and first == 1 and rest[0][0] in (1, -1):
-        second, a1 = rest.pop(0)
-        (xp.add if second == 1 else xp.subtract)(a0, a1, out=out)
-    elif rest and first == -1 and rest[0][0] == 1:
-        _, a1 = rest.pop(0)
-        xp.subtract(a1, a0, out=out)
-    elif first == 1:
-        out[...] = a0
+def _signed_sum(xp, target, terms):
+    """``target[...] = sum of +-a`` over ``terms`` [(positive, a)], the first of which is positive."""
+    (_, first), rest = terms[0], terms[1:]
+    if rest:
+        positive, second = rest[0]
+        (xp.add if positive else xp.subtract)(first, second, out=target)
+        rest = rest[1:]
     else:
-        xp.multiply(a0, first, out=out)
-    scratch = None
-    for c, a in rest:
-        if c == 1:
-            xp.add(out, a, out=out)
-        elif c == -1:
-            xp.subtract(out, a, out=out)
-        else:
-            if scratch is None:
-                scratch = xp.empty(out.shape, dtype=out.dtype)
-            xp.multiply(a, c, out=scratch)
-            xp.add(out, scratch, out=out)
+        target[...] = first
+    for positive, array in rest:
+        (xp.add if positive else xp.subtract)(target, array, out=target)
 
 
-def sandwich(xp, matrix, source, out):
-    """``out[p, q] = sum_{i,j} matrix[p][i] * matrix[q][j] * source[i, j]`` for small (k, k, ...) arrays.
+def combine(xp, out, coefficients, arrays, scratch=None):
+    """``out[...] = sum_j coefficients[j] * arrays[j]``, skipping zero coefficients, in few passes.
 
-    ``matrix`` is (r, k), ``source`` (k, k, ...), ``out`` (r, r, ...): the kernel transform
-    ``G g G^T`` and its transpose ``G^T dU G``.
+    Terms are grouped by the size of their coefficient: a group is summed with adds and
+    subtracts, then multiplied once (``4*d1 + 4*d2`` is one add and one multiply).  F(2,3)'s input
+    and output transforms have only +-1, so each output there costs one add or subtract per
+    term after the first.  ``scratch``, a buffer at least as large as ``out`` on every axis, is
+    used (cropped) for the groups with a coefficient other than +-1; one is made when needed.
     """
-    k = source.shape[1]
-    rows = xp.empty((len(matrix), k) + source.shape[2:], dtype=out.dtype)
-    for p, coefficients in enumerate(matrix):
-        combine(xp, rows[p], coefficients, [source[i] for i in range(len(coefficients))])
-    for p in range(len(matrix)):
-        for q, coefficients in enumerate(matrix):
-            combine(xp, out[p, q], coefficients, [rows[p][j] for j in range(k)])
-    return out
+    groups = {}
+    for c, a in zip(coefficients, arrays):
+        if c:
+            groups.setdefault(abs(c), []).append((c > 0, a))
+    plan = []                                     # (coefficient, terms with a positive first term)
+    for size, terms in groups.items():
+        if not any(positive for positive, _ in terms):
+            terms, size = [(True, a) for _, a in terms], -size
+        plan.append((size, sorted(terms, key=lambda term: not term[0])))
+    # Start with a group that saves a pass when it writes ``out`` directly (anything but a lone +-1 term).
+    plan.sort(key=lambda group: abs(group[0]) == 1 and len(group[1]) == 1)
+    (c, terms), rest = plan[0], plan[1:]
+    if len(terms) == 1 and c != 1:
+        xp.multiply(terms[0][1], c, out=out)
+    else:
+        _signed_sum(xp, out, terms)
+        if c != 1:
+            xp.multiply(out, c, out=out)
+    for c, terms in rest:
+        if abs(c) == 1:
+            for positive, array in terms:
+                (xp.add if positive == (c > 0) else xp.subtract)(out, array, out=out)
+            continue
+        if scratch is None:
+            scratch = xp.empty(out.shape, dtype=out.dtype)
+        part = scratch[tuple(slice(0, size) for size in out.shape)]
+        if len(terms) == 1:
+            xp.multiply(terms[0][1], c, out=part)
+        else:
+            _signed_sum(xp, part, terms)
+            xp.multiply(part, c, out=part)
+        xp.add(out, part, out=out)
 
 
-def transform_weight(weight_khwio, transforms):
-    """``U = G g G^T`` for a weight stored (3, 3, I, O) -> contiguous ``(a*a, I, O)``."""
+# --- kernel transforms: one small GEMM each -----------------------------------------------------------
+
+_KERNEL_MATRICES: dict = {}
+
+
+def kernel_matrix(xp, dtype, transforms, flipped=False):
+    """``kron(G, G)`` (a*a, 9) as an ``xp`` array: ``U[xi*a+nu] = sum_ij G[xi,i] G[nu,j] g[i*3+j]``.
+
+    ``flipped`` gives the matrix for the kernel turned by 180 degrees (``g[2-i, 2-j]``), which
+    only reverses the order of the nine taps.  Made once per backend, dtype and tile size.
+    """
+    key = (id(xp), str(dtype), transforms.tile, flipped, getattr(getattr(xp, "cuda", None), "Device", int)().id
+           if hasattr(xp, "cuda") else 0)
+    if key not in _KERNEL_MATRICES:
+        g = np.array(transforms.G, dtype=np.float64)
+        matrix = np.kron(g, g)
+        if flipped:
+            matrix = matrix[:, ::-1]
+        _KERNEL_MATRICES[key] = xp.asarray(np.ascontiguousarray(matrix).astype(dtype))
+    return _KERNEL_MATRICES[key]
+
+
+def transform_weight(weight_khwio, transforms, flipped=False):
+    """``U = G g G^T`` for a weight stored (3, 3, I, O) -> contiguous ``(a*a, I, O)``.
+
+    All I*O kernels at once: one GEMM of ``kron(G, G)`` (a*a, 9) with the (9, I*O) weight.
+    ``flipped`` transforms the kernel turned by 180 degrees instead (for the input gradient).
+    """
     xp = xp_of(weight_khwio)
     a = transforms.size
     _, _, in_channels, out_channels = weight_khwio.shape
-    u = xp.empty((a, a, in_channels, out_channels), dtype=weight_khwio.dtype)
-    sandwich(xp, transforms.G, weight_khwio, u)
+    taps = xp.ascontiguousarray(weight_khwio).reshape(9, in_channels * out_channels)
+    u = xp.matmul(kernel_matrix(xp, weight_khwio.dtype, transforms, flipped), taps)
     return u.reshape(a * a, in_channels, out_channels)
 
 
 def weight_gradient_from(du, transforms):
-    """``dg = G^T dU G`` for ``dU`` (a*a, I, O) -> contiguous (3, 3, I, O)."""
+    """``dg = G^T dU G`` for ``dU`` (a*a, I, O) -> contiguous (3, 3, I, O): one GEMM with ``kron(G, G)^T``."""
     xp = xp_of(du)
-    a = transforms.size
-    du = du.reshape(a, a, *du.shape[1:])
-    dg = xp.empty((3, 3) + du.shape[2:], dtype=du.dtype)
-    return sandwich(xp, transposed(transforms.G), du, dg)
+    _, in_channels, out_channels = du.shape
+    dg = xp.matmul(kernel_matrix(xp, du.dtype, transforms).T, du.reshape(du.shape[0], -1))
+    return dg.reshape(3, 3, in_channels, out_channels)
 
 
 # --- tile transforms on runs of tile rows -------------------------------------------------------------
@@ -193,26 +235,52 @@ def tile_row_runs(rows, tile_rows):
         start += last - first
 
 
-def gather_tiles(xp, image, out, first, stop, matrix, step, tiles_w):
+def gather_tiles(xp, image, out, first, stop, matrix, step, tiles_w, pad_top=0, pad_left=0):
     """``out[p, q] = (matrix . d . matrix^T)[p, q]`` for every tile ``d`` of tile rows ``first:stop``.
 
-    ``image`` is one (H', W', C) channels-last image (padded), ``out`` a (r, r, rows, tiles_w, C)
-    block of the transformed tiles; tile ``(t, s)`` reads ``image[step*t + i, step*s + j]`` for
-    ``i, j < k`` with ``matrix`` (r, k).  With ``B^T`` and ``step = m`` it is the input
-    transform; with ``A`` and ``k = step = m`` it is the transform of dy's tiles for dW.
+    ``image`` is one unpadded (H, W, C) channels-last image, ``out`` a (r, r, rows, tiles_w, C)
+    block of the transformed tiles.  Tile ``(t, s)`` reads ``d[i, j] = image[step*t + i - pad_top,
+    step*s + j - pad_left]`` for ``i, j < k`` with ``matrix`` (r, k), zero outside the image.
+    With ``B^T``, ``step = m`` and the convolution's padding it is the input transform; with ``A``
+    and ``k = step = m`` it is the transform of dy's tiles for dW.
+
+    The rows these tiles read are first copied into a small zero-framed block (so padding costs
+    no pass over the whole input, and the block is still in cache for the transform), with its
+    columns sorted by phase: ``block[row, j % step, s + j // step]`` is padded column
+    ``step*s + j``.  Then tap ``j`` of every tile in a row is one contiguous run, and each
+    transform stage is one add or subtract over the whole run of tile rows per output.
     """
     r, k = len(matrix), len(matrix[0])
+    height, width, channels = image.shape
     count = stop - first
+    groups = tiles_w + (k - 1) // step
+    block_h = step * (count - 1) + k
+    top = step * first - pad_top                       # image row of the block's first row
+    rows = slice(max(top, 0), min(top + block_h, height))
+    inside = slice(rows.start - top, rows.stop - top)
+    block = xp.empty((block_h, step, groups, channels), dtype=out.dtype)
+    block[:inside.start] = 0
+    block[inside.stop:] = 0
+    for phase in range(step):
+        # Group g of this phase holds image column step*g + phase - pad_left.
+        lo = min(groups, max(0, -(-(pad_left - phase) // step)))
+        hi = max(lo, min(groups, -(-(width + pad_left - phase) // step)))
+        block[inside, phase, :lo] = 0
+        block[inside, phase, hi:] = 0
+        column = step * lo + phase - pad_left
+        block[inside, phase, lo:hi] = image[rows, column: column + step * (hi - lo) - step + 1: step]
     # Rows first: each tile row's k input rows combine into r rows (a strided slice each).
-    rows_in = [image[step * first + i: step * (stop - 1) + i + 1: step] for i in range(k)]
-    combined = xp.empty((r, count) + image.shape[1:], dtype=out.dtype)
+    rows_in = [block[i: step * (count - 1) + i + 1: step] for i in range(k)]
+    combined = xp.empty((r, count, step, groups, channels), dtype=out.dtype)
+    unit = all(abs(c) in (0, 1) for row in matrix for c in row)      # no scratch needed
+    scratch = None if unit else xp.empty(combined.shape[1:], dtype=out.dtype)
     for p, coefficients in enumerate(matrix):
-        combine(xp, combined[p], coefficients, rows_in)
-    # Then columns, written straight into the transformed-tile buffer.
-    for p in range(r):
-        cols_in = [combined[p][:, j: step * (tiles_w - 1) + j + 1: step] for j in range(k)]
-        for q, coefficients in enumerate(matrix):
-            combine(xp, out[p, q], coefficients, cols_in)
+        combine(xp, combined[p], coefficients, rows_in, scratch)
+    # Then columns, all r row-combinations at once, straight into the transformed-tile buffer.
+    cols_in = [combined[:, :, j % step, j // step: j // step + tiles_w] for j in range(k)]
+    scratch = None if unit else xp.empty((r, count, tiles_w, channels), dtype=out.dtype)
+    for q, coefficients in enumerate(matrix):
+        combine(xp, out[:, q], coefficients, cols_in, scratch)
 
 
 def scatter_tiles(xp, m_tiles, image, first, stop, transforms):
@@ -225,16 +293,28 @@ def scatter_tiles(xp, m_tiles, image, first, stop, transforms):
     m, a = transforms.tile, transforms.size
     out_h, out_w = image.shape[:2]
     count = stop - first
-    reduced = xp.empty((m, a, count) + m_tiles.shape[3:], dtype=image.dtype)
+    unit = all(abs(c) in (0, 1) for row in transforms.AT for c in row)    # no scratch needed
+    # Rows: reduced[i] = sum_xi AT[i, xi] M[xi], all a columns at once.
+    reduced = xp.empty((m,) + m_tiles.shape[1:], dtype=image.dtype)
+    scratch = None if unit else xp.empty(m_tiles.shape[1:], dtype=image.dtype)
     for i, coefficients in enumerate(transforms.AT):
-        for nu in range(a):
-            combine(xp, reduced[i, nu], coefficients, [m_tiles[xi, nu] for xi in range(a)])
-    for i in range(m):
-        target_rows = image[m * first + i: min(m * stop, out_h): m]
+        combine(xp, reduced[i], coefficients, [m_tiles[xi] for xi in range(a)], scratch)
+    # Columns, written into the image: whole tile rows with all m output rows at once ...
+    scratch = None if unit else xp.empty((m,) + m_tiles.shape[2:], dtype=image.dtype)
+    whole = max(0, min(stop, out_h // m) - first)
+    if whole:
+        rows = image[m * first: m * (first + whole)].reshape(whole, m, out_w, -1).transpose(1, 0, 2, 3)
         for j, coefficients in enumerate(transforms.AT):
-            target = target_rows[:, j::m]
-            height, width = target.shape[:2]
-            combine(xp, target, coefficients, [reduced[i, nu][:height, :width] for nu in range(a)])
+            target = rows[:, :, j::m]
+            combine(xp, target, coefficients, [reduced[:, nu, :whole, :target.shape[2]] for nu in range(a)],
+                    scratch)
+    # ... and the output rows of a last, partial tile row one by one.
+    for t in range(first + whole, stop):
+        for i in range(min(m, out_h - m * t)):
+            for j, coefficients in enumerate(transforms.AT):
+                target = image[m * t + i, j::m]
+                combine(xp, target, coefficients, [reduced[i, nu, t - first, :target.shape[0]] for nu in range(a)],
+                        None if unit else scratch[0, 0])
 
 
 # --- the convolution itself ----------------------------------------------------------------------------
@@ -246,8 +326,10 @@ def tile_grid(out_hw, tile):
 
 
 def images_per_chunk(n, per_image_elements):
-    """Images whose transformed tiles fit the workspace together (at least one)."""
-    return max(1, min(n, WORKSPACE_ELEMENTS // max(1, per_image_elements)))
+    """Images whose transformed tiles fit the workspace together (at least one, and enough
+    runs of tile rows for every thread)."""
+    workspace = max(WORKSPACE_ELEMENTS, get_num_threads() * TRANSFORM_TILE_ELEMENTS)
+    return max(1, min(n, workspace // max(1, per_image_elements)))
 
 
 def input_tiles(xp, x_nhwc, images, padding, out_hw, transforms):
@@ -255,18 +337,32 @@ def input_tiles(xp, x_nhwc, images, padding, out_hw, transforms):
     m, a = transforms.tile, transforms.size
     tiles_h, tiles_w = tile_grid(out_hw, m)
     count, c = images.stop - images.start, x_nhwc.shape[3]
-    # Pad by the convolution's padding, plus zeros at the end so the last tile is whole.
-    extra_h = tiles_h * m + 2 - (x_nhwc.shape[1] + 2 * padding[0])
-    extra_w = tiles_w * m + 2 - (x_nhwc.shape[2] + 2 * padding[1])
-    padded = pad_nhwc(x_nhwc[images], padding[0], padding[1], extra_h=extra_h, extra_w=extra_w)
     v = xp.empty((a, a, count, tiles_h, tiles_w, c), dtype=x_nhwc.dtype)
 
     def transform(rows):
         for image, first, stop in tile_row_runs(rows, tiles_h):
-            gather_tiles(xp, padded[image], v[:, :, image, first:stop], first, stop, transforms.BT, m, tiles_w)
+            gather_tiles(xp, x_nhwc[images.start + image], v[:, :, image, first:stop], first, stop,
+                         transforms.BT, m, tiles_w, *padding)
 
-    map_tiles(transform, count * tiles_h, a * a * tiles_w * c, xp)
+    map_tiles(transform, count * tiles_h, a * a * tiles_w * c, xp, TRANSFORM_TILE_ELEMENTS)
     return v
+
+
+def output_tile_gradients(xp, dy_nhwc, images, transforms):
+    """``dM = A dY A^T`` for the output tiles of some images: (a, a, images, tiles_h, tiles_w, O)."""
+    m, a = transforms.tile, transforms.size
+    tiles_h, tiles_w = tile_grid(dy_nhwc.shape[1:3], m)
+    count, o = images.stop - images.start, dy_nhwc.shape[3]
+    dm = xp.empty((a, a, count, tiles_h, tiles_w, o), dtype=dy_nhwc.dtype)
+    a_matrix = transposed(transforms.AT)                                # A, (a, m)
+
+    def transform(rows):
+        for image, first, stop in tile_row_runs(rows, tiles_h):
+            gather_tiles(xp, dy_nhwc[images.start + image], dm[:, :, image, first:stop], first, stop,
+                         a_matrix, m, tiles_w)
+
+    map_tiles(transform, count * tiles_h, a * a * tiles_w * o, xp, TRANSFORM_TILE_ELEMENTS)
+    return dm
 
 
 def winograd_convolve(x_nhwc, u, padding, transforms, out=None):
@@ -298,7 +394,7 @@ def winograd_convolve(x_nhwc, u, padding, transforms, out=None):
             for image, first, stop in tile_row_runs(rows, tiles_h):
                 scatter_tiles(xp, blocks[:, :, image, first:stop], target[image], first, stop, transforms)
 
-        map_tiles(output_transform, count * tiles_h, a * a * tiles_w * o, xp)
+        map_tiles(output_transform, count * tiles_h, a * a * tiles_w * o, xp, TRANSFORM_TILE_ELEMENTS)
     return y
 
 
@@ -358,9 +454,11 @@ def winograd_conv2d_forward(x, weight, bias=None, stride=1, padding=1, dilation=
     return y.transpose(0, 3, 1, 2), cache
 
 
-def winograd_conv2d_backward(dy, cache: WinogradCache, need_input_grad=True, need_weight_grad=True):
+def winograd_conv2d_backward(dy, cache: WinogradCache, need_input_grad=True, *, need_weight_grad=True,
+                             need_bias_grad=None):
     """Gradients ``(dx, dweight, dbias)`` from ``dy`` (N, O, OH, OW), as
-    :func:`numres.functional.conv.conv2d_backward` returns them.
+    :func:`numres.functional.conv.conv2d_backward` returns them; a gradient that is not needed
+    is None and costs nothing (``need_bias_grad`` follows ``need_weight_grad`` by default).
 
     ``dx = conv3x3(pad(dy, 2 - padding), flip(g)^T)`` (a Winograd forward);
     ``dweight = G^T [sum over tiles of V^T (A dY A^T)] G``, stored (3, 3, C, O).
@@ -371,46 +469,36 @@ def winograd_conv2d_backward(dy, cache: WinogradCache, need_input_grad=True, nee
     n, c, h, w = cache.x_shape
     o = cache.weight.shape[0]
     dy_nhwc = channels_last(dy)
-    dbias = dy_nhwc.reshape(-1, o).sum(axis=0) if cache.has_bias else None
+    need_bias_grad = need_weight_grad if need_bias_grad is None else need_bias_grad
+    dbias = dy_nhwc.reshape(-1, o).sum(axis=0) if cache.has_bias and need_bias_grad else None
 
     dx = None
     if need_input_grad:
-        # The kernel flipped in both spatial axes, with input and output channels swapped: (3, 3, O, C).
-        flipped = cache.weight.transpose(2, 3, 1, 0)[::-1, ::-1].transpose(0, 1, 3, 2)
-        u_flipped = transform_weight(flipped, transforms)
+        # The kernel flipped in both spatial axes, transformed as (a*a, C, O); the matmul reads
+        # each position's transpose (O, C), which swaps the channel axes at no cost.
+        u_flipped = transform_weight(cache.weight.transpose(2, 3, 1, 0), transforms, flipped=True)
         back_padding = (2 - cache.padding[0], 2 - cache.padding[1])
-        dx = winograd_convolve(dy_nhwc, u_flipped, back_padding, transforms).transpose(0, 3, 1, 2)
+        dx = winograd_convolve(dy_nhwc, u_flipped.transpose(0, 2, 1), back_padding, transforms)
+        dx = dx.transpose(0, 3, 1, 2)
 
     dweight = None
     if need_weight_grad:
         x_nhwc = channels_last(cache.x)
         tiles_h, tiles_w = tile_grid(cache.out_hw, m)
-        extra_h, extra_w = tiles_h * m - cache.out_hw[0], tiles_w * m - cache.out_hw[1]
         step = images_per_chunk(n, a * a * tiles_h * tiles_w * max(c, o))
-        du = xp.empty((a * a, c, o), dtype=dy.dtype)
+        du = (xp.empty if n else xp.zeros)((a * a, c, o), dtype=dy.dtype)
         part = None
-        inverse_output = transposed(transforms.AT)                      # A, (a, m)
         for start in range(0, n, step):
             images = slice(start, min(start + step, n))
-            count = images.stop - images.start
-            v = input_tiles(xp, x_nhwc, images, cache.padding, cache.out_hw, transforms)
-            dy_padded = pad_nhwc(dy_nhwc[images], 0, 0, extra_h=extra_h, extra_w=extra_w)
-            dm = xp.empty((a, a, count, tiles_h, tiles_w, o), dtype=dy.dtype)
-
-            def transform_dy(rows):
-                for image, first, stop in tile_row_runs(rows, tiles_h):
-                    gather_tiles(xp, dy_padded[image], dm[:, :, image, first:stop], first, stop,
-                                 inverse_output, m, tiles_w)
-
-            map_tiles(transform_dy, count * tiles_h, a * a * tiles_w * o, xp)
-            tiles = count * tiles_h * tiles_w
-            v_t = v.reshape(a * a, tiles, c).transpose(0, 2, 1)
+            tiles = (images.stop - images.start) * tiles_h * tiles_w
+            v = input_tiles(xp, x_nhwc, images, cache.padding, cache.out_hw, transforms).reshape(a * a, tiles, c)
+            dm = output_tile_gradients(xp, dy_nhwc, images, transforms).reshape(a * a, tiles, o)
             if start == 0:
-                xp.matmul(v_t, dm.reshape(a * a, tiles, o), out=du)   # sums over this chunk's tiles
+                xp.matmul(v.transpose(0, 2, 1), dm, out=du)          # sums over this chunk's tiles
             else:
                 if part is None:
                     part = xp.empty_like(du)
-                xp.matmul(v_t, dm.reshape(a * a, tiles, o), out=part)
+                xp.matmul(v.transpose(0, 2, 1), dm, out=part)
                 du += part
             del v, dm
         dweight = weight_gradient_from(du, transforms).transpose(3, 2, 0, 1)
