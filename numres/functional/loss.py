@@ -128,8 +128,8 @@ def cross_entropy_forward(logits, target, reduction="mean", label_smoothing=0.0,
         sample_shape = tuple(target.shape)
         denominator = xp.where(valid, target_weight, 0).sum().astype(dtype)
     if reduction == "mean":
-        with np.errstate(invalid="ignore", divide="ignore"):
-            loss = losses.sum() / denominator                           # 0 / 0 = NaN for nothing to average
+        with np.errstate(invalid="ignore", divide="ignore"):     # nothing to average over: NaN, as PyTorch's 0 / 0
+            loss = xp.where(denominator == 0, xp.nan, losses.sum() / denominator)
     elif reduction == "sum":
         loss = losses.sum()
     else:
@@ -141,6 +141,11 @@ def cross_entropy_forward(logits, target, reduction="mean", label_smoothing=0.0,
 
 def cross_entropy_backward(dloss, cache):
     """``dlogits`` for an upstream gradient ``dloss`` (a scalar, or the "none" loss's shape)."""
+    with np.errstate(invalid="ignore", divide="ignore"):     # a mean over zero total weight is NaN, quietly
+        return _cross_entropy_backward(dloss, cache)
+
+
+def _cross_entropy_backward(dloss, cache):
     xp = xp_of(cache.log_p)
     log_p = cache.log_p
     rows, classes = log_p.shape
@@ -148,8 +153,7 @@ def cross_entropy_backward(dloss, cache):
     if cache.reduction == "none":
         scale = xp.asarray(dloss, dtype=dtype).reshape(rows)
     elif cache.reduction == "mean":
-        with np.errstate(invalid="ignore", divide="ignore"):
-            scale = xp.broadcast_to(xp.asarray(dloss, dtype=dtype) / cache.denominator, (rows,))
+        scale = xp.broadcast_to(xp.asarray(dloss, dtype=dtype) / cache.denominator, (rows,))
     else:
         scale = xp.broadcast_to(xp.asarray(dloss, dtype=dtype), (rows,))
     eps = cache.label_smoothing

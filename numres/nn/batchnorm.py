@@ -83,9 +83,10 @@ class BatchNorm2d(Module):
         return dx
 
     def extra_repr(self):
-        # PyTorch 2.13 prints "bias=..." always; numres keeps the classic format for the default
-        # bias=True (the text torchvision's models print) and shows the field only when it is False.
-        bias = "" if self.has_bias or not self.affine else ", bias=False"
+        # PyTorch 2.13 prints "bias=<has a bias>" always; numres keeps the classic format when there
+        # is a bias (the text torchvision's models print) and shows the field only when it is False
+        # (bias=False or affine=False), exactly as PyTorch 2.13 prints it then.
+        bias = "" if self.bias is not None else ", bias=False"
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}{bias}, "
                 f"track_running_stats={self.track_running_stats}")
 
