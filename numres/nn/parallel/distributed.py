@@ -46,7 +46,7 @@ DEFAULT_FIRST_BUCKET_MB = 1.0
 
 
 class DistributedDataParallel(Module):
-    """Wraps ``module``; its parameters become ``module.<name>`` here, as in torch."""
+    """Wraps ``module`` (already on its backend and dtype); its parameters become ``module.<name>`` here, as in torch."""
 
     def __init__(self, module: Module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True,
                  process_group=None, bucket_cap_mb=25, find_unused_parameters=False):
@@ -173,12 +173,6 @@ class DistributedDataParallel(Module):
         """The parameter names of each bucket, in the order buckets are reduced."""
         return [list(bucket.names) for bucket in self.reducer.buckets]
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        return self
-
-    def extra_repr(self):
-        return ""
 
 
 def _differences(reference, signature, rank) -> list:

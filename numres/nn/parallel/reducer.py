@@ -129,7 +129,11 @@ class Reducer:
         xp = B.get_xp(bucket.backend)
         if bucket.buffer is None:
             bucket.buffer = xp.empty(bucket.numel, dtype=bucket.dtype)
-        for (_, param), offset in zip(bucket.params, bucket.offsets):
+        for (name, param), offset in zip(bucket.params, bucket.offsets):
+            if B.backend_of(param.data) != bucket.backend or param.data.dtype != bucket.dtype:
+                raise RuntimeError(f"parameter {name!r} moved to {B.backend_of(param.data)}/{param.data.dtype} after "
+                                   f"DistributedDataParallel was built on {bucket.backend}/{bucket.dtype}: move the "
+                                   f"model (model.to(...)) before wrapping it")
             view = bucket.buffer[offset:offset + param.data.size]
             if param.grad is None:
                 view[...] = 0                                  # no gradient on this rank this time
