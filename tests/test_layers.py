@@ -26,17 +26,20 @@ def run_pair(nr_layer, torch_layer, x, dtype, *, channels_last=False, seed=0, fo
     torch (output, input gradient) pairs for further checks, after comparing the
     outputs, input gradients, every parameter gradient and every buffer.
     """
-    torch_layer = torch_layer.to(TORCH_DTYPE[dtype])
+    # The reference always computes in float64 (the "float64 truth"), on values rounded to ``dtype``
+    # first: PyTorch's own float32 differs from CPU to CPU (oneDNN on AVX2 vs AVX-512).
+    torch_layer = torch_layer.to(TORCH_DTYPE[dtype]).to(torch.float64)
     if list(torch_layer.state_dict()):
         copy_torch_params(torch_layer, nr_layer)
-    x_t = to_torch(x.astype(dtype), requires_grad=True)
+    x = x.astype(dtype)
+    x_t = to_torch(x.astype(np.float64), requires_grad=True)
     y_t = torch_layer(x_t)
     if torch_after is not None:
         y_t = torch_after(y_t)
     dy = np.random.default_rng(seed).standard_normal(tuple(y_t.shape)).astype(dtype)
-    y_t.backward(to_torch(dy))
+    y_t.backward(to_torch(dy.astype(np.float64)))
 
-    x_n = from_torch(x_t, channels_last=channels_last)
+    x_n = from_torch(to_torch(x), channels_last=channels_last)
     y_n = nr_layer(x_n, **(forward_kwargs or {}))
     dy_n = nr.backend.asarray(dy, "numpy")
     dy_before = dy_n.copy()
@@ -120,16 +123,19 @@ def test_conv2d_weight_assignment_keeps_layout():
 
 
 def test_conv2d_backward_twice_accumulates():
-    """Backward leaves its cache intact: a second call gives the same dx and doubles the weight gradient."""
+    """With retain_graph=True backward keeps its cache: a second call gives the same dx and doubles the weight
+    gradient (as PyTorch's does); without it the second call is refused."""
     conv = nr.nn.Conv2d(2, 3, 3, stride=2, padding=1, dtype="float64")
     rng = np.random.default_rng(4)
     y = conv(rng.standard_normal((2, 2, 5, 5)))
     dy = rng.standard_normal(y.shape)
-    dx1 = conv.backward(dy).copy()
+    dx1 = conv.backward(dy, retain_graph=True).copy()
     dw1 = conv.weight.grad.copy()
     dx2 = conv.backward(dy)
     assert rel_err(dx2, dx1) == 0.0
     assert rel_err(conv.weight.grad, 2 * dw1) < 1e-14
+    with pytest.raises(RuntimeError, match="called a second time"):
+        conv.backward(dy)
 
 
 # --- BatchNorm2d ------------------------------------------------------------------------------------
@@ -171,12 +177,12 @@ def test_batchnorm_train_matches_torch(dtype, cfg):
     rng = np.random.default_rng(5)
     nr_bn, torch_bn = _bn_pair(cfg, dtype)
     _randomize_bn(torch_bn, rng)
-    torch_bn.to(TORCH_DTYPE[dtype])
+    torch_bn.to(TORCH_DTYPE[dtype]).to(torch.float64)      # float64 truth on values rounded to dtype
     copy_torch_params(torch_bn, nr_bn)
     shape = (cfg["n"], cfg["c"], cfg["h"], cfg["w"])
     first = (3.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
     with torch.no_grad():
-        torch_bn(to_torch(first))
+        torch_bn(to_torch(first.astype(np.float64)))
     nr_bn(from_torch(to_torch(first), channels_last=cfg["channels_last"]))
     # The second batch goes through run_pair, which compares the buffers again after it.
     x = (-1.0 + 0.5 * rng.standard_normal(shape)).astype(dtype)
@@ -379,11 +385,11 @@ def test_cross_entropy_matches_torch(dtype, n, classes, reduction, smoothing, sc
     logits = (scale * rng.standard_normal((n, classes))).astype(dtype)
     target = rng.integers(0, classes, n)
     crit = nr.nn.CrossEntropyLoss(reduction=reduction, label_smoothing=smoothing, dtype=dtype)
-    logits_t = to_torch(logits, requires_grad=True)
+    logits_t = to_torch(logits.astype(np.float64), requires_grad=True)         # float64 truth
     loss_t = torch.nn.functional.cross_entropy(logits_t, torch.from_numpy(target), reduction=reduction,
                                                label_smoothing=smoothing)
     upstream = rng.standard_normal(loss_t.shape).astype(dtype)
-    loss_t.backward(to_torch(upstream))
+    loss_t.backward(to_torch(upstream.astype(np.float64)))
     loss = crit(logits, target)
     assert np.shape(loss) == tuple(loss_t.shape)
     assert_close(loss, loss_t, dtype, "loss")
@@ -396,7 +402,7 @@ def test_cross_entropy_default_upstream_is_one(dtype):
     logits = rng.standard_normal((4, 5)).astype(dtype)
     target = np.array([0, 4, 2, 2])
     crit = nr.nn.CrossEntropyLoss(label_smoothing=0.2, dtype=dtype)
-    logits_t = to_torch(logits, requires_grad=True)
+    logits_t = to_torch(logits.astype(np.float64), requires_grad=True)         # float64 truth
     torch.nn.functional.cross_entropy(logits_t, torch.from_numpy(target), label_smoothing=0.2).backward()
     crit(logits, target)
     assert_close(crit.backward(), logits_t.grad, dtype, "dlogits")

@@ -4,8 +4,9 @@ With identical weights, both models see the same 2x3x64x64 batch and the same ra
 dL/dlogits; we compare logits, dL/dx, every parameter gradient by name and every BN
 buffer after the step, in train and eval mode.
 
-float64 is held to 1e-10 everywhere.  float32 is held to 1e-4 wherever the comparison is
-well conditioned (eval mode; resnet18).  ResNet-50 in train mode is not: a few
+Every comparison is against PyTorch in float64, never against PyTorch's float32 alone, whose
+results differ from CPU to CPU.  float64 is held to 1e-10 everywhere.  float32 is held to 1e-4
+wherever the comparison is well conditioned (eval mode; resnet18).  ResNet-50 in train mode is not: a few
 pre-activations lie within float32 rounding of zero, so the ReLU masks of *any* two float32
 implementations differ in a few places and some gradients (layer4's BN parameters, say)
 move by 1e-3..1e-1 relative; PyTorch float32 shows the same spread against PyTorch float64.
@@ -71,7 +72,9 @@ def _cases():
 
 @pytest.mark.parametrize("name, dtype, train", list(_cases()))
 def test_model_matches_torch(name, dtype, train):
-    model, reference = make_pair(name, dtype, train)
+    """Both dtypes are judged against PyTorch in float64: PyTorch's own float32 differs by CPU (oneDNN on an
+    AMD AVX2 machine is 5.9e-3 off its float64 on ResNet-50's input gradient in eval mode)."""
+    model, reference = make_pair(name, dtype, train, torch_dtype="float64")
     x, upstream = batch(dtype)
     errors = R.model_parity(model, reference, x, upstream)
     assert len([k for k in errors if k.startswith("grad ")]) == len(list(model.parameters()))
