@@ -5,11 +5,20 @@ Run them, with the rest of the suite over both backends, with ``scripts/gpu_chec
 * every numres CUDA kernel against the generic op it replaces, on the same device input
   (random, odd sizes, float32 and float64): the generic code runs on CuPy too, so this isolates
   the kernel;
-* every layer, on CuPy, against ``torch.nn`` on CUDA: outputs, input and parameter gradients,
-  BN buffers; float64 tight (1e-10), float32 loose (1e-4), TF32 off on both sides;
-* ResNet-50 forward/backward against the torchvision-structured reference on CUDA;
+  (the BatchNorm finalize kernels, a block per channel with a shared-memory tree, with up to 2048
+  lanes per channel);
+* the kernel wrappers hand calls they do not support (empty batch, a frozen weight) to the generic op;
+* every layer, on CuPy, against ``torch.nn`` on CUDA in **float64** (the truth): float64 results to
+  1e-10, float32 results (same weights and inputs, rounded to float32) to 1e-4; TF32 off;
+* ResNet-50 forward/backward against the torchvision-structured reference on CUDA: float64 to
+  1e-10; float32 (train and eval) measured against the float64 reference, and required to be about
+  as accurate as torch's own float32 on cuDNN (a float32-vs-float32 comparison would fail on a
+  single ReLU mask that cuBLAS and cuDNN round to different sides of zero);
 * a training step makes no host round-trip (CuPy's own synchronisation detector) and reuses the
-  memory pool; the TF32 switch does what it says; a captured CUDA-graph step equals eager steps.
+  memory pool; the TF32 switch does what it says.
+
+Written for the GPU image the project uses (torch 2.11 with CUDA, CuPy 14): nothing here needs a
+newer torch than that.
 """
 from __future__ import annotations
 
@@ -95,7 +104,8 @@ def test_conv_kernels_match_generic_on_gpu(rng, dtype, shape, kernel, stride, pa
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (1, 40, 3, 1), (8, 64, 17, 17), (3, 2048, 1, 1)])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (1, 40, 3, 1), (8, 64, 17, 17), (3, 2048, 1, 1),
+                                   (16, 64, 56, 56), (32, 2048, 7, 7)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_batchnorm_kernels_match_generic_on_gpu(rng, dtype, shape, relu):
     c = shape[1]
@@ -155,6 +165,32 @@ def test_activation_kernels_match_generic_on_gpu(rng, dtype):
     np.testing.assert_array_equal(host(activation.add(a, b)), host(F.add(a, b)))
 
 
+def test_kernel_wrappers_fall_back_on_gpu(rng):
+    """Calls a kernel does not support go to the generic op; a frozen weight skips its GEMM."""
+    empty = on_gpu(np.zeros((0, 4, 5, 5)))
+    y, cache = conv.conv2d_forward(on_gpu(rng.standard_normal((2, 4, 5, 5))), on_gpu(rng.standard_normal(
+        (3, 4, 3, 3))), None, 1, 1)
+    dy = on_gpu(rng.standard_normal(y.shape))
+    dx, dweight, _ = conv.conv2d_backward(dy, cache, need_weight_grad=False)
+    assert dweight is None and dx.shape == (2, 4, 5, 5)
+    try:
+        expected = F.relu_forward(empty)[0]
+    except Exception as error:      # noqa: BLE001 - whatever the generic op does, the wrapper does
+        with pytest.raises(type(error)):
+            activation.relu_forward(empty)
+    else:
+        assert activation.relu_forward(empty)[0].shape == expected.shape
+    probabilities = cupy.asarray(rng.dirichlet(np.ones(5), 4))
+    logits = cupy.asarray(rng.standard_normal((4, 5)))
+    try:
+        expected = F.cross_entropy_forward(logits, probabilities)[0]
+    except Exception as error:      # noqa: BLE001
+        with pytest.raises(type(error)):
+            loss.cross_entropy_forward(logits, probabilities)
+    else:
+        assert_close(loss.cross_entropy_forward(logits, probabilities)[0], expected, 1e-12, "soft-target loss")
+
+
 def test_the_cupy_backend_uses_the_kernels():
     if os.environ.get("NUMRES_CUDA_KERNELS", "1") == "0":
         pytest.skip("kernels switched off with NUMRES_CUDA_KERNELS=0")
@@ -194,18 +230,19 @@ LAYERS = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name, make_nr, make_torch, shape, kwargs", LAYERS, ids=[case[0] for case in LAYERS])
 def test_layer_on_cupy_matches_torch_cuda(rng, dtype, name, make_nr, make_torch, shape, kwargs):
-    torch_dtype = getattr(torch, dtype)
-    layer_t = make_torch().to(DEVICE, torch_dtype)
+    """The truth is the torch layer in float64 on CUDA, holding the numres layer's weights exactly (they
+    are rounded to ``dtype`` first) and fed the same (rounded) input and upstream gradient."""
+    layer_t = make_torch().to(DEVICE, getattr(torch, dtype)).to(torch.float64)
     layer = make_nr(backend="cupy", dtype=dtype)
     state = {k: v.detach().cpu().numpy() for k, v in layer_t.state_dict().items()}
     layer.load_state_dict({k.split(".", 1)[-1] if k.startswith("0.") else k: v for k, v in state.items()})
-    x = rng.standard_normal(shape)
-    x_t = torch.tensor(x, dtype=torch_dtype, device=DEVICE, requires_grad=True)
+    x = rng.standard_normal(shape).astype(dtype)
+    x_t = torch.tensor(x, dtype=torch.float64, device=DEVICE, requires_grad=True)
     y_t = layer_t(x_t)
-    dy = rng.standard_normal(tuple(y_t.shape))
-    y_t.backward(torch.tensor(dy, dtype=torch_dtype, device=DEVICE))
-    y = layer(on_gpu(x.astype(dtype)), **kwargs)
-    dx = layer.backward(on_gpu(dy.astype(dtype)))
+    dy = rng.standard_normal(tuple(y_t.shape)).astype(dtype)
+    y_t.backward(torch.tensor(dy, dtype=torch.float64, device=DEVICE))
+    y = layer(on_gpu(x), **kwargs)
+    dx = layer.backward(on_gpu(dy))
     assert_close(y, y_t, TOL[dtype], f"{name} output")
     assert_close(dx, x_t.grad, TOL[dtype], f"{name} input gradient")
     torch_params = {k.split(".", 1)[-1] if k.startswith("0.") else k: p for k, p in layer_t.named_parameters()}
@@ -221,14 +258,14 @@ def test_layer_on_cupy_matches_torch_cuda(rng, dtype, name, make_nr, make_torch,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_cross_entropy_on_cupy_matches_torch_cuda(rng, dtype, smoothing):
-    torch_dtype = getattr(torch, dtype)
-    logits = rng.standard_normal((16, 1000)) * 4
+    """Against torch's cross-entropy in float64 on CUDA, for logits rounded to ``dtype``."""
+    logits = (rng.standard_normal((16, 1000)) * 4).astype(dtype)
     target = rng.integers(0, 1000, 16)
-    z_t = torch.tensor(logits, dtype=torch_dtype, device=DEVICE, requires_grad=True)
+    z_t = torch.tensor(logits, dtype=torch.float64, device=DEVICE, requires_grad=True)
     loss_t = torch.nn.functional.cross_entropy(z_t, torch.tensor(target, device=DEVICE), label_smoothing=smoothing)
     loss_t.backward()
     crit = nr.nn.CrossEntropyLoss(label_smoothing=smoothing, backend="cupy", dtype=dtype)
-    value = crit(cupy.asarray(logits.astype(dtype)), cupy.asarray(target))
+    value = crit(cupy.asarray(logits), cupy.asarray(target))
     assert_close(value, loss_t, TOL[dtype], "loss")
     assert_close(crit.backward(), z_t.grad, TOL[dtype], "dlogits")
 
@@ -262,31 +299,39 @@ def _resnet50_batch(dtype):
 
 
 @needs_torch_cuda
-@pytest.mark.parametrize("mode, dtype", [("train", "float64"), ("eval", "float64"), ("eval", "float32")])
-def test_resnet50_on_cupy_matches_torch_cuda(mode, dtype):
-    """Logits, dL/dx, every parameter gradient and BN buffer; float64 to 1e-10, float32 eval to 1e-4."""
-    model, reference = _resnet50_pair(dtype)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_resnet50_float64_on_cupy_matches_torch_cuda(mode):
+    """Logits, dL/dx, every parameter gradient and BN buffer, all to 1e-10."""
+    model, reference = _resnet50_pair("float64")
     model.train(mode == "train")
     reference.train(mode == "train")
-    x, upstream = _resnet50_batch(dtype)
+    x, upstream = _resnet50_batch("float64")
     errors = ref.compare_passes(ref.numres_pass(model, x, upstream), _torch_cuda_pass(reference, x, upstream))
     worst = max(errors, key=errors.get)
-    assert errors[worst] < TOL[dtype], f"{mode}/{dtype}: worst {worst} {errors[worst]:.2e}"
+    assert errors[worst] < TOL["float64"], f"{mode}/float64: worst {worst} {errors[worst]:.2e}"
 
 
 @needs_torch_cuda
-def test_resnet50_float32_train_on_cupy_as_accurate_as_torch_cuda():
-    """Train-mode float32 ResNet-50 gradients are ill-conditioned at this size (ReLU/max-pool decisions
-    flip within float32 rounding; see tests/test_resnet.py), so numres-cupy float32 and torch-CUDA
-    float32 are both measured against torch-CUDA float64 and must err alike."""
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_resnet50_float32_on_cupy_as_accurate_as_torch_cuda(mode):
+    """Float32 ResNet-50 against a float64 truth (torch on CUDA in float64, the same weights).
+
+    Float32 gradients of a deep ReLU network are ill-conditioned: with these seeds a handful of
+    pre-activations lie within float32 rounding of zero, and a ReLU or max-pool decision that flips
+    changes whole gradient entries.  So numres-cupy float32 and torch-CUDA float32 (cuDNN) are both
+    measured against the float64 truth and numres must err about as little as torch does.  In eval
+    mode the logits (well conditioned) must also be within 1e-4 of the truth outright.
+    """
     x, upstream = _resnet50_batch("float32")
     model32, torch32 = _resnet50_pair("float32")
     _, truth = _resnet50_pair("float32", torch_dtype="float64")
     for module in (model32, torch32, truth):
-        module.train()
+        module.train(mode == "train")
     reference = _torch_cuda_pass(truth, x, upstream)
     ours = ref.compare_passes(ref.numres_pass(model32, x, upstream), reference)
     theirs = ref.compare_passes(_torch_cuda_pass(torch32, x, upstream), reference)
+    if mode == "eval":
+        assert ours["logits"] < TOL["float32"], f"logits {ours['logits']:.2e} from the float64 truth"
     assert ours["logits"] < 2 * theirs["logits"] + 1e-5
     assert ours["input gradient"] < 5 * theirs["input gradient"] + 1e-4
     grads = [k for k in ours if k.startswith("grad ")]
@@ -344,7 +389,7 @@ def test_the_memory_pool_is_reused_across_steps():
 
 
 def test_tf32_switch_changes_float32_gemms_only_when_on():
-    if cupy.cuda.Device().compute_capability < "80":
+    if int(cupy.cuda.Device().compute_capability) < 80:
         pytest.skip("TF32 needs compute capability 8.0 or newer")
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((512, 512)), rng.standard_normal((512, 512))
@@ -361,18 +406,3 @@ def test_tf32_switch_changes_float32_gemms_only_when_on():
     cuda.set_tf32(False)
     assert errors[False] < 1e-5 and errors[(False, "batched")] < 1e-5
     assert errors[True] > 1e-4 and errors[(True, "batched")] > 1e-4
-
-
-def test_cuda_graph_step_equals_eager_steps():
-    from numres.cuda import graph
-    eager = _step_parts()
-    captured = _step_parts()
-    for parts in (eager, captured):
-        _step(*parts)                                   # a warm-up step: kernels compiled, momentum buffers made
-    step = graph.CapturedTrainStep(*captured[:3], captured[3], captured[4])
-    for _ in range(3):
-        loss_eager = _step(*eager)
-        loss_graph = step(captured[3], captured[4])
-        assert_close(loss_graph, loss_eager, 1e-4, "loss")
-    for (name, p), (_, q) in zip(captured[0].named_parameters(), eager[0].named_parameters()):
-        assert_close(p.data, q.data, 1e-4, f"parameter {name}")
