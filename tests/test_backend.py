@@ -5,6 +5,8 @@ without CuPy or a GPU the CuPy run is skipped with the reason.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,106 @@ def test_arrays_of_the_other_backend_are_refused(cupy_backend):
         nr.nn.Conv2d(3, 2, 1, backend=cupy_backend)(np.zeros((1, 3, 2, 2), np.float32))
     with pytest.raises(TypeError, match="backend 'numpy'"):
         nr.nn.Conv2d(3, 2, 1)(xp.zeros((1, 3, 2, 2), dtype=xp.float32))
+
+
+# --- PyTorch's device names ---------------------------------------------------------------------------
+
+def _gpu_present():
+    return B.is_available("cupy")
+
+
+def test_device_names_are_aliases_of_the_backends():
+    assert B.normalize_backend("cpu") == "numpy" and B.normalize_backend("numpy") == "numpy"
+    assert B.normalize_backend("cuda") == "cupy" and B.normalize_backend("cupy") == "cupy"
+    assert B.normalize_backend(torch.device("cpu")) == "numpy"
+    assert B.get_xp("cpu") is np
+    assert B.convert(np.zeros((2, 3)), "cpu", "float32").dtype == np.float32
+    with pytest.raises(ValueError, match=r"unknown backend 'gpu'.*'cpu' and 'cuda' are aliases"):
+        B.normalize_backend("gpu")
+    with pytest.raises(ValueError, match="unknown device 'cuda:x'"):
+        B.normalize_backend("cuda:x")
+    with pytest.raises(TypeError, match="named by a string"):
+        B.normalize_backend(0)
+
+
+def test_cuda_index_must_be_cupys_current_device(monkeypatch):
+    """``cuda:N`` maps to backend 'cupy' only for the GPU CuPy computes on (here a stand-in CuPy on device 0)."""
+    fake_cupy = SimpleNamespace(cuda=SimpleNamespace(Device=lambda: SimpleNamespace(id=0)))
+    monkeypatch.setitem(B._LOADERS, "cupy", lambda: fake_cupy)
+    monkeypatch.setattr(B, "_MODULES", {k: v for k, v in B._MODULES.items() if k != "cupy"})   # restored after
+    assert B.normalize_backend("cuda:0") == "cupy"
+    assert B.normalize_backend(torch.device("cuda:0")) == "cupy"
+    with pytest.raises(ValueError, match=r"current GPU, which is cuda:0; select GPU 1 first with "
+                                         r"cupy.cuda.Device\(1\).use\(\)"):
+        B.normalize_backend("cuda:1")
+
+
+@pytest.mark.skipif(_gpu_present(), reason="checks the message given where there is no GPU")
+def test_cuda_without_a_gpu_says_what_is_missing():
+    model = nr.nn.Linear(3, 2)
+    for move in (lambda: model.cuda(), lambda: model.to("cuda"), lambda: model.to("cuda:0"),
+                 lambda: model.cuda(0), lambda: nr.resnet18(backend="cuda"),
+                 lambda: nr.nn.Conv2d(3, 2, 1, backend="cuda")):
+        with pytest.raises(B.BackendUnavailableError, match="backend 'cupy'"):
+            move()
+    assert model.backend == "numpy" and isinstance(model.weight.data, np.ndarray)       # nothing half-moved
+
+
+def test_constructors_take_device_names():
+    nr.manual_seed(0)
+    models = [nr.resnet18(num_classes=3, backend="cpu"), nr.models.cifar.resnet20(backend="cpu"),
+              nr.nn.Conv2d(3, 4, 3, backend="cpu"), nr.nn.BatchNorm2d(4, backend="cpu"),
+              nr.nn.Linear(3, 2, backend="cpu"), nr.nn.Sequential(nr.nn.ReLU(backend="cpu"))]
+    for model in models:
+        assert all(m.backend == "numpy" for m in model.modules()), type(model).__name__
+        assert all(isinstance(p.data, np.ndarray) for p in model.parameters())
+    if _gpu_present():
+        model = nr.resnet18(num_classes=3, backend="cuda")
+        assert all(m.backend == "cupy" for m in model.modules())
+
+
+def test_to_takes_a_device_or_a_dtype_positionally_as_torch_does():
+    nr.manual_seed(0)
+    model = nr.resnet18(num_classes=3)
+    values = {k: np.array(v, dtype=np.float64) for k, v in model.state_dict().items()}
+
+    def check(dtype):
+        assert model.backend == "numpy" and all(m.backend == "numpy" and m.dtype == dtype for m in model.modules())
+        for key, value in model.state_dict().items():
+            assert value.dtype == (np.int64 if key.endswith("num_batches_tracked") else dtype), key
+            np.testing.assert_array_equal(value.astype(np.float64), values[key].astype(dtype), err_msg=key)
+
+    assert model.to("float64") is model
+    check(np.float64)
+    model.to(np.float32)
+    check(np.float32)
+    model.to("cpu", "float64")
+    check(np.float64)
+    model.to(torch.float32)
+    check(np.float32)
+    model.to(device="cpu", dtype=np.dtype("float64"))
+    check(np.float64)
+    model.float().cpu()
+    check(np.float32)
+    model.double()
+    check(np.float64)
+    assert all(weight_storage_is_channels_last(c) for c in model.modules() if isinstance(c, nr.nn.Conv2d))
+
+
+def test_to_refuses_what_it_cannot_read():
+    model = nr.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="'gpu', which is neither a backend .* nor a dtype"):
+        model.to("gpu")
+    with pytest.raises(ValueError, match="'float' is ambiguous"):
+        model.to("float")
+    with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
+        model.to("int8")
+    with pytest.raises(TypeError, match="two backends"):
+        model.to("cpu", "numpy")
+    with pytest.raises(TypeError, match="two dtypes"):
+        model.to("float32", dtype="float64")
+    with pytest.raises(TypeError, match="both backend= and device="):
+        model.to(backend="numpy", device="cpu")
+    with pytest.raises(ValueError, match="'float' is ambiguous"):
+        nr.nn.Linear(3, 2, dtype="float")
+    assert model.dtype == np.float32 and model.weight.data.dtype == np.float32
