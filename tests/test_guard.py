@@ -279,3 +279,31 @@ def test_every_other_layer_runs_under_the_guard(reduction, rng):
     np.testing.assert_allclose(results["guard"][0], results["numpy"][0], rtol=1e-12)
     np.testing.assert_allclose(results["guard"][1], results["numpy"][1], rtol=1e-11, atol=1e-14)
     _assert_states_match(results["guard"][2], results["numpy"][2], rtol=1e-11)
+
+
+def test_kernel_wrappers_hand_guard_arrays_to_the_generic_ops(rng):
+    """With numres's CUDA kernel wrappers registered on the guard backend (as they are on "cupy"), a
+    training step still runs, with no host trip, and gives bit-for-bit the generic ops' result: the
+    wrappers see an array no kernel runtime takes and call the generic op with the call's arguments."""
+    import numres.cuda as cuda
+    from numres.functional.dispatch import ops_for
+
+    x = _channels_last(rng.standard_normal((2, 3, 24, 24)))
+    target = np.array([1, 6])
+    results = []
+    for registered in (False, True):
+        nr.manual_seed(5)
+        model = _bottleneck_resnet(num_classes=10, dtype="float64").to("guard")
+        try:
+            if registered:
+                cuda.register_kernels("guard")
+                assert ops_for("guard").conv2d_forward is cuda.conv.conv2d_forward
+            results.append((*_train_steps(model, "guard", x, target, steps=1), model))
+        finally:
+            cuda.unregister_kernels("guard")
+    assert ops_for("guard").conv2d_forward is nr.functional.conv2d_forward
+    (losses_plain, logits_plain, plain), (losses_kernels, logits_kernels, wrapped) = results
+    np.testing.assert_array_equal(losses_kernels, losses_plain)
+    np.testing.assert_array_equal(logits_kernels, logits_plain)
+    for (name, p), (_, q) in zip(wrapped.named_parameters(), plain.named_parameters()):
+        np.testing.assert_array_equal(nr.to_numpy(p.grad), nr.to_numpy(q.grad), err_msg=name)
