@@ -229,7 +229,7 @@ def test_finite_differences(tile, rng):
 @pytest.fixture
 def restore_algorithm():
     yield
-    nr.functional.set_conv_algorithm("auto", winograd_tile=2)
+    nr.functional.set_conv_algorithm("auto", winograd_tile=2, benchmark=False)
 
 
 @pytest.mark.parametrize("tile", TILES)
@@ -281,6 +281,34 @@ def test_auto_rule(restore_algorithm):
     assert choose((8, 64, 56, 56), (64, 64, 3, 3), 1, 1) == "im2col"
 
 
+def test_benchmark_mode_measures_each_shape_once(rng, restore_algorithm, monkeypatch):
+    """auto + benchmark times both algorithms on the first forward of a shape, then follows the winner."""
+    calls = []
+    real = algorithms.measure_conv_algorithms
+
+    def counting(*args, **kwargs):
+        seconds = real(*args, **kwargs)
+        assert set(seconds) == {"im2col", "winograd"} and all(s > 0 for s in seconds.values())
+        calls.append(seconds)
+        return {"im2col": 2.0, "winograd": 1.0} if len(calls) == 1 else {"im2col": 1.0, "winograd": 2.0}
+
+    monkeypatch.setattr(algorithms, "measure_conv_algorithms", counting)
+    nr.functional.set_conv_algorithm("auto", benchmark=True)
+    x, weight, bias, _ = random_case(rng, 2, 3, 4, 6, 6, 1)
+    y_ref, _ = im2col_conv.conv2d_forward(x, weight, bias, 1, 1)
+    for _ in range(2):
+        y, cache = algorithms.conv2d_forward(x, weight, bias, 1, 1)
+        assert isinstance(cache, W.WinogradCache)          # the (pretended) faster one, measured once
+        assert rel_err(y, y_ref) < 1e-12
+    assert len(calls) == 1
+    assert nr.functional.choose_conv_algorithm(x.shape, weight.shape, 1, 1) == "winograd"
+    x2 = rng.standard_normal((2, 3, 5, 5))                  # a new shape is measured again
+    _, cache = algorithms.conv2d_forward(x2, weight, bias, 1, 1)
+    assert len(calls) == 2 and not isinstance(cache, W.WinogradCache)
+    nr.functional.set_conv_algorithm("auto", benchmark=False)
+    assert nr.functional.choose_conv_algorithm(x.shape, weight.shape, 1, 1) == "im2col"   # the rule: 6x6 < 14
+
+
 def test_setting_and_context_manager(restore_algorithm):
     nr.functional.set_conv_algorithm("im2col")
     with nr.functional.conv_algorithm("winograd", winograd_tile=4):
@@ -296,6 +324,8 @@ def test_bad_input_is_named(rng, restore_algorithm):
         nr.functional.set_conv_algorithm("fft")
     with pytest.raises(ValueError, match="Winograd output tile must be one of"):
         nr.functional.set_conv_algorithm("winograd", winograd_tile=3)
+    with pytest.raises(TypeError, match="benchmark must be True or False"):
+        nr.functional.set_conv_algorithm("auto", benchmark="yes")
     x = rng.standard_normal((1, 3, 6, 6))
     with pytest.raises(ValueError, match="3x3 kernel"):
         winograd_conv2d_forward(x, rng.standard_normal((2, 3, 5, 5)))

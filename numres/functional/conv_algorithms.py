@@ -28,10 +28,17 @@ shorter side (at 7x7 the 2x2 tiles cover 8x8, and the weight transform costs as 
 saved GEMM work), on the NumPy backend only: on a GPU the registered im2col kernels and cuBLAS
 stay in charge until Winograd is measured there.  The rule does not depend on timing, so a run
 is reproducible; :func:`choose_conv_algorithm` tells which algorithm a layer gets.
+
+Measuring instead.  ``set_conv_algorithm("auto", benchmark=True)`` times both algorithms,
+forward and backward, the first time each layer shape is seen (as ``torch.backends.cudnn.benchmark``
+does) and keeps the faster for that shape; machines differ (vector width, cores, BLAS), and
+this lets each decide.  The first step of a run then costs two extra passes per new shape, and
+the choice can differ between runs on a noisy machine.
 """
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 
@@ -43,20 +50,30 @@ from .winograd import WinogradCache, transforms_for, winograd_applies, winograd_
 ALGORITHMS = ("im2col", "winograd", "auto")
 AUTO_MIN_OUTPUT_SIDE = 14
 
-_setting = {"algorithm": "auto", "winograd_tile": 2}
+_setting = {"algorithm": "auto", "winograd_tile": 2, "benchmark": False}
+_measured: dict = {}           # layer shape -> the algorithm that measured faster ("auto", benchmark=True)
 
 
-def set_conv_algorithm(algorithm: str, *, winograd_tile: int | None = None) -> None:
+def set_conv_algorithm(algorithm: str, *, winograd_tile: int | None = None, benchmark: bool | None = None) -> None:
     """Choose how convolutions are computed from now on: ``"im2col"``, ``"winograd"`` or ``"auto"``.
 
     ``winograd_tile`` (2 or 4) picks F(2x2, 3x3) or F(4x4, 3x3) for the layers that take
-    Winograd; it keeps its value when not given.
+    Winograd; ``benchmark=True`` makes ``"auto"`` time both algorithms on the first forward pass
+    of each layer shape instead of following the rule.  Both keep their value when not given;
+    setting either forgets earlier measurements.
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"convolution algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if winograd_tile is not None:
         transforms_for(winograd_tile)                  # a clear error for a tile size we lack
+        if int(winograd_tile) != _setting["winograd_tile"]:
+            _measured.clear()
         _setting["winograd_tile"] = int(winograd_tile)
+    if benchmark is not None:
+        if not isinstance(benchmark, bool):
+            raise TypeError(f"benchmark must be True or False, got {benchmark!r}")
+        _measured.clear()
+        _setting["benchmark"] = benchmark
     _setting["algorithm"] = algorithm
 
 
@@ -71,10 +88,10 @@ def get_winograd_tile() -> int:
 
 
 @contextlib.contextmanager
-def conv_algorithm(algorithm: str, *, winograd_tile: int | None = None):
+def conv_algorithm(algorithm: str, *, winograd_tile: int | None = None, benchmark: bool | None = None):
     """``with conv_algorithm("winograd"): ...`` sets the algorithm inside the block only."""
     saved = dict(_setting)
-    set_conv_algorithm(algorithm, winograd_tile=winograd_tile)
+    set_conv_algorithm(algorithm, winograd_tile=winograd_tile, benchmark=benchmark)
     try:
         yield
     finally:
@@ -108,17 +125,64 @@ def choose_conv_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1
         return "im2col"
     if setting == "winograd":
         return "winograd"
+    key = _shape_key(x_shape, weight_shape, pads, xp)
+    if _setting["benchmark"] and key in _measured:
+        return _measured[key]
     out_side = min(x_shape[2] + 2 * pads[0] - 2, x_shape[3] + 2 * pads[1] - 2)
     return "winograd" if xp is np and out_side >= AUTO_MIN_OUTPUT_SIDE else "im2col"
+
+
+def _shape_key(x_shape, weight_shape, pads, xp):
+    return (id(xp), tuple(x_shape), tuple(weight_shape), pads, _setting["winograd_tile"])
+
+
+def _synchronize(xp):
+    """Wait for the GPU (CuPy) so that a timing covers the work; nothing on the CPU."""
+    device = getattr(getattr(xp, "cuda", None), "Device", None)
+    if device is not None:
+        device().synchronize()
+
+
+def measure_conv_algorithms(x, weight, bias, padding, ops=None, repeats=1):
+    """Seconds for forward + backward of each algorithm on this input (after one warm-up run each)."""
+    xp = xp_of(x)
+    forward = im2col_conv.conv2d_forward if ops is None else ops.conv2d_forward
+    backward = im2col_conv.conv2d_backward if ops is None else ops.conv2d_backward
+    runs = {
+        "im2col": lambda: backward(*forward(x, weight, bias, 1, padding)),
+        "winograd": lambda: winograd_conv2d_backward(
+            *winograd_conv2d_forward(x, weight, bias, 1, padding, tile=get_winograd_tile())),
+    }
+    seconds = {}
+    for name, run in runs.items():
+        run()
+        _synchronize(xp)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        _synchronize(xp)
+        seconds[name] = (time.perf_counter() - start) / repeats
+    return seconds
 
 
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, ops=None, **options):
     """:func:`numres.functional.conv.conv2d_forward` by the algorithm :func:`choose_conv_algorithm` picks.
 
     ``ops`` is the op namespace of the caller's backend (:func:`numres.functional.ops_for`), so a
-    registered kernel (CUDA) computes the im2col path; by default the generic op does.
+    registered kernel (CUDA) computes the im2col path; by default the generic op does.  Under
+    ``set_conv_algorithm("auto", benchmark=True)`` the first forward of a new layer shape times
+    both algorithms first (:func:`measure_conv_algorithms`).
     """
     padding_mode = options.get("padding_mode", "zeros")
+    if _setting["algorithm"] == "auto" and _setting["benchmark"]:
+        pads = winograd_padding(padding, padding_mode)
+        xp = xp_of(x)
+        if pads is not None and x.ndim == 4 and x.shape[0] and \
+                winograd_applies(x.shape, weight.shape, stride, pads, dilation, groups):
+            key = _shape_key(x.shape, weight.shape, pads, xp)
+            if key not in _measured:
+                seconds = measure_conv_algorithms(x, weight, bias, pads, ops)
+                _measured[key] = min(seconds, key=seconds.get)
     if choose_conv_algorithm(x.shape, weight.shape, stride, padding, dilation, groups, xp_of(x),
                              padding_mode) == "winograd":
         return winograd_conv2d_forward(x, weight, bias, stride, winograd_padding(padding), dilation, groups,
