@@ -19,7 +19,7 @@ def add_arguments(parser):
     parser.add_argument("--batch", type=int, default=4, help="images in the batch (default: 4)")
     parser.add_argument("--size", type=int, default=64, help="image height and width (default: 64)")
     parser.add_argument("--backend", default="numpy", help="numpy (cpu) or cupy (cuda); default: numpy")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the random batch (default: 0)")
 
 
 def run(args) -> int:

@@ -35,7 +35,8 @@ def add_arguments(parser):
     degrade.add_argument("--warmup-epochs", type=int, default=None,
                          help=f"epochs at lr/10 before the full rate (default: {defaults.warmup_epochs}, "
                               f"at most epochs - 1)")
-    degrade.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    degrade.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                         help=f"default: {defaults.weight_decay}")
     degrade.add_argument("--no-augment", action="store_true", help="no random 1-pixel shifts")
     degrade.add_argument("--subset", type=int, default=None, help="use only the first N train and test images")
     degrade.add_argument("--out", default="study-degradation", help="output directory (default: study-degradation)")
@@ -43,8 +44,8 @@ def add_arguments(parser):
 
 
 def _common_arguments(parser):
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights, batches and augmentation (default: 0)")
+    parser.add_argument("--backend", default="numpy", help="numpy (cpu) or cupy (cuda); default: numpy")
 
 
 def run(args) -> int:

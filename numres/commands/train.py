@@ -28,8 +28,19 @@ def add_arguments(parser):
     d = DEFAULTS
     run = parser.add_argument_group("run")
     run.add_argument("--model", help=f"network (default: {d.model}); one of: {', '.join(model_names())}")
-    run.add_argument("--dataset", choices=["digits", "cifar10"], help=f"default: {d.dataset} (embedded)")
-    run.add_argument("--data-dir", help="folder with CIFAR-10's python batches (or cifar-10-python.tar.gz)")
+    run.add_argument("--dataset", choices=["digits", "cifar10", "folder"],
+                     help=f"default: {d.dataset} (embedded); folder: your own images in --data-dir")
+    run.add_argument("--data-dir", help="folder with CIFAR-10's python batches (or cifar-10-python.tar.gz), or "
+                                        "with --dataset folder one sub-folder of images per class")
+    run.add_argument("--val-dir", help="folder dataset: validation images (default: a seeded split of --data-dir)")
+    run.add_argument("--val-fraction", type=float, help=f"folder dataset: share of each class kept for "
+                                                         f"validation without --val-dir (default: {d.val_fraction})")
+    run.add_argument("--image-size", type=int, help=f"folder dataset: the crop the model sees (default: {d.image_size})")
+    run.add_argument("--workers", type=int, help="folder dataset: processes decoding images (default: 0, in-process)")
+    run.add_argument("--weights", help="start from these weights (torchvision .pth, numres .npz or a run's "
+                                       "checkpoint); an fc of another size is replaced by a new one")
+    run.add_argument("--freeze-backbone", action="store_const", const=True,
+                     help="train only the final fc layer (the rest keeps requires_grad=False)")
     run.add_argument("--epochs", type=int, help=f"default: {d.epochs}")
     run.add_argument("--batch-size", type=int, help=f"default: {d.batch_size}")
     run.add_argument("--eval-batch-size", type=int, help=f"batch size for evaluation (default: {d.eval_batch_size})")
@@ -89,21 +100,29 @@ def _trainer(args) -> Trainer:
     return Trainer(config, out, progress=args.progress)
 
 
-def _blas_threads(requested, trainer):
-    """A context setting NumPy's BLAS threads: the same with or without threadpoolctl (same numbers for a seed)."""
-    from ..blas import blas_threads
-
-    if trainer.config.backend != "numpy":
-        return contextlib.nullcontext()
+def _thread_count(requested: str):
+    """``--threads`` as "auto" or a count >= 1 (checked before any data is loaded)."""
     if requested == "auto":
-        small = max(trainer.train_loader.dataset.images.shape[2:]) <= 16
-        return blas_threads(1) if small else contextlib.nullcontext()
+        return requested
     try:
         count = int(requested)
     except ValueError:
         raise UsageError(f"--threads must be a whole number or 'auto', got {requested!r}") from None
     if count < 1:
         raise UsageError(f"--threads must be at least 1, got {count}")
+    return count
+
+
+def _blas_threads(count, trainer):
+    """A context setting NumPy's BLAS threads: the same with or without threadpoolctl (same numbers for a seed)."""
+    from ..blas import blas_threads
+
+    if trainer.config.backend != "numpy":
+        return contextlib.nullcontext()
+    if count == "auto":
+        images = getattr(trainer.train_loader.dataset, "images", None)       # folder datasets: none in memory
+        small = images is not None and max(images.shape[2:]) <= 16
+        return blas_threads(1) if small else contextlib.nullcontext()
     return blas_threads(count)
 
 
@@ -129,8 +148,9 @@ def _listing(names) -> str:
 
 
 def run(args) -> int:
+    count = _thread_count(args.threads)
     trainer = _trainer(args)
-    threads = _blas_threads(getattr(args, "threads", "auto"), trainer)
+    threads = _blas_threads(count, trainer)
     c = trainer.config
     if trainer.epoch >= c.epochs:
         print(f"the run in {trainer.out_dir} has already finished its {_plural(c.epochs, 'epoch')}; nothing to do "
