@@ -106,7 +106,7 @@ def test_predict_prints_torch_top5(tmp_path, checkpoint, capsys):
     for path in images:
         x = _reference_input(path, *EXPECTED_GEOMETRY[path.name])[None]
         with torch.no_grad():
-            probabilities = torch.softmax(reference(x).double(), dim=1)[0]
+            probabilities = torch.softmax(reference.double()(x.double()), dim=1)[0]      # float64 truth
         top = torch.topk(probabilities, 5)
         rows = printed[str(path)]
         assert [row[0] for row in rows] == [1, 2, 3, 4, 5]
