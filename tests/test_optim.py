@@ -7,7 +7,7 @@ import torch
 
 import numres as nr
 import torch_reference as R
-from conftest import TORCH_DTYPE, assert_close, to_torch
+from conftest import assert_close, to_torch
 
 VARIANTS = {
     "plain": dict(lr=0.1),
@@ -27,8 +27,11 @@ def small_net(nn, **where):
 def twin_nets(dtype, seed=0):
     nr.manual_seed(seed)
     ours = small_net(nr.nn, dtype=dtype)
-    theirs = small_net(torch.nn).to(TORCH_DTYPE[dtype])
-    theirs.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ours.state_dict().items()})
+    # The reference is PyTorch in float64 holding the same (float32-rounded) values: a float64 truth, since
+    # PyTorch's own float32 differs from CPU to CPU.
+    theirs = small_net(torch.nn).to(torch.float64)
+    theirs.load_state_dict({k: torch.from_numpy(np.array(v)).to(torch.float64) if np.asarray(v).dtype.kind == "f"
+                            else torch.from_numpy(np.array(v)) for k, v in ours.state_dict().items()})
     return ours, theirs
 
 
@@ -40,7 +43,8 @@ def train_step(ours, theirs, opt_ours, opt_theirs, x, target, dtype):
     ours.backward(crit.backward())
     opt_ours.step()
     opt_theirs.zero_grad()
-    torch.nn.functional.cross_entropy(theirs(to_torch(x)), torch.from_numpy(target), label_smoothing=0.1).backward()
+    torch.nn.functional.cross_entropy(theirs(to_torch(x.astype(np.float64))), torch.from_numpy(target),
+                                      label_smoothing=0.1).backward()
     opt_theirs.step()
 
 
