@@ -138,7 +138,7 @@ def test_small_chunks_and_runs_of_tile_rows(tile, rng, monkeypatch):
     y_ref, dx_ref, dw_ref, db_ref = torch_conv(x, weight, bias, 1, dy)
     monkeypatch.setattr(W, "WORKSPACE_ELEMENTS", 1)
     monkeypatch.setattr(W, "TRANSFORM_TILE_ELEMENTS", 1)
-    monkeypatch.setattr(W, "images_per_chunk", lambda n, per_image: 1)
+    monkeypatch.setattr(W, "images_per_chunk", lambda n, per_image, xp=None: 1)
     y, cache = winograd_conv2d_forward(channels_last(x), stored_weight(weight), bias, padding=1, tile=tile)
     dx, dw, db = winograd_conv2d_backward(channels_last(dy), cache)
     for ours, ref in ((y, y_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref)):

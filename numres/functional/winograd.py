@@ -105,6 +105,7 @@ TRANSFORMS = {2: F2, 4: F4}
 # tiles in cache between the transform and the GEMM (16 MiB chunks were 10-30% slower).
 TRANSFORM_TILE_ELEMENTS = 1 << 18    # transformed-tile elements per run of tile rows (1 MiB of float32)
 WORKSPACE_ELEMENTS = 1 << 20         # transformed-tile elements per chunk of images, at least one run per thread
+GPU_WORKSPACE_ELEMENTS = 1 << 26     # the same on a GPU (256 MiB of float32)
 
 
 def transposed(matrix):
@@ -183,14 +184,21 @@ def combine(xp, out, coefficients, arrays, scratch=None):
 _KERNEL_MATRICES: dict = {}
 
 
+def _device_id(xp):
+    """The current GPU's number under CuPy (constants live on one device), None elsewhere."""
+    try:
+        return xp.cuda.Device().id
+    except AttributeError:
+        return None
+
+
 def kernel_matrix(xp, dtype, transforms, flipped=False):
     """``kron(G, G)`` (a*a, 9) as an ``xp`` array: ``U[xi*a+nu] = sum_ij G[xi,i] G[nu,j] g[i*3+j]``.
 
     ``flipped`` gives the matrix for the kernel turned by 180 degrees (``g[2-i, 2-j]``), which
     only reverses the order of the nine taps.  Made once per backend, dtype and tile size.
     """
-    key = (id(xp), str(dtype), transforms.tile, flipped, getattr(getattr(xp, "cuda", None), "Device", int)().id
-           if hasattr(xp, "cuda") else 0)
+    key = (id(xp), _device_id(xp), str(dtype), transforms.tile, flipped)
     if key not in _KERNEL_MATRICES:
         g = np.array(transforms.G, dtype=np.float64)
         matrix = np.kron(g, g)
@@ -325,19 +333,29 @@ def tile_grid(out_hw, tile):
     return -(-out_hw[0] // tile), -(-out_hw[1] // tile)
 
 
-def images_per_chunk(n, per_image_elements):
+def images_per_chunk(n, per_image_elements, xp=np):
     """Images whose transformed tiles fit the workspace together (at least one, and enough
-    runs of tile rows for every thread)."""
-    workspace = max(WORKSPACE_ELEMENTS, get_num_threads() * TRANSFORM_TILE_ELEMENTS)
+    runs of tile rows for every thread).  A GPU takes bigger chunks: fewer, larger kernels."""
+    workspace = max(WORKSPACE_ELEMENTS, get_num_threads() * TRANSFORM_TILE_ELEMENTS) if xp is np \
+        else GPU_WORKSPACE_ELEMENTS
     return max(1, min(n, workspace // max(1, per_image_elements)))
 
 
-def input_tiles(xp, x_nhwc, images, padding, out_hw, transforms):
-    """``V = B^T d B`` for the tiles of some images: (a, a, images, tiles_h, tiles_w, C)."""
+def buffer_view(xp, buffer, shape, dtype):
+    """A contiguous array of ``shape`` at the start of the flat ``buffer`` (a new one if None)."""
+    size = int(np.prod(shape))
+    if buffer is None:
+        return xp.empty(shape, dtype=dtype)
+    return buffer[:size].reshape(shape)
+
+
+def input_tiles(xp, x_nhwc, images, padding, out_hw, transforms, buffer=None):
+    """``V = B^T d B`` for the tiles of some images: (a, a, images, tiles_h, tiles_w, C), written
+    into the flat ``buffer`` when one is given (the chunks of a layer reuse it)."""
     m, a = transforms.tile, transforms.size
     tiles_h, tiles_w = tile_grid(out_hw, m)
     count, c = images.stop - images.start, x_nhwc.shape[3]
-    v = xp.empty((a, a, count, tiles_h, tiles_w, c), dtype=x_nhwc.dtype)
+    v = buffer_view(xp, buffer, (a, a, count, tiles_h, tiles_w, c), x_nhwc.dtype)
 
     def transform(rows):
         for image, first, stop in tile_row_runs(rows, tiles_h):
@@ -348,12 +366,12 @@ def input_tiles(xp, x_nhwc, images, padding, out_hw, transforms):
     return v
 
 
-def output_tile_gradients(xp, dy_nhwc, images, transforms):
+def output_tile_gradients(xp, dy_nhwc, images, transforms, buffer=None):
     """``dM = A dY A^T`` for the output tiles of some images: (a, a, images, tiles_h, tiles_w, O)."""
     m, a = transforms.tile, transforms.size
     tiles_h, tiles_w = tile_grid(dy_nhwc.shape[1:3], m)
     count, o = images.stop - images.start, dy_nhwc.shape[3]
-    dm = xp.empty((a, a, count, tiles_h, tiles_w, o), dtype=dy_nhwc.dtype)
+    dm = buffer_view(xp, buffer, (a, a, count, tiles_h, tiles_w, o), dy_nhwc.dtype)
     a_matrix = transposed(transforms.AT)                                # A, (a, m)
 
     def transform(rows):
@@ -365,28 +383,27 @@ def output_tile_gradients(xp, dy_nhwc, images, transforms):
     return dm
 
 
-def winograd_convolve(x_nhwc, u, padding, transforms, out=None):
+def winograd_convolve(x_nhwc, u, padding, transforms):
     """3x3 stride-1 convolution of channels-last ``x_nhwc`` (N, H, W, C) with transformed weight
-    ``u`` (a*a, C, O): returns the output (N, OH, OW, O), contiguous (``out`` if given)."""
+    ``u`` (a*a, C, O): returns the output (N, OH, OW, O), contiguous."""
     xp = xp_of(x_nhwc)
     m, a = transforms.tile, transforms.size
     n, h, w, c = x_nhwc.shape
     o = u.shape[2]
     out_hw = (output_size(h, 3, 1, padding[0], 1), output_size(w, 3, 1, padding[1], 1))
     tiles_h, tiles_w = tile_grid(out_hw, m)
-    y = xp.empty((n, *out_hw, o), dtype=x_nhwc.dtype) if out is None else out
-    per_image = a * a * tiles_h * tiles_w * max(c, o)
-    step = images_per_chunk(n, per_image)
-    products = None
+    y = xp.empty((n, *out_hw, o), dtype=x_nhwc.dtype)
+    step = images_per_chunk(n, a * a * tiles_h * tiles_w * max(c, o), xp)
+    tiles_per_chunk = min(step, n) * tiles_h * tiles_w
+    v_buffer = xp.empty(a * a * tiles_per_chunk * c, dtype=x_nhwc.dtype)
+    products_buffer = xp.empty(a * a * tiles_per_chunk * o, dtype=x_nhwc.dtype)
     for start in range(0, n, step):
         images = slice(start, min(start + step, n))
         count = images.stop - images.start
-        v = input_tiles(xp, x_nhwc, images, padding, out_hw, transforms)
         tiles = count * tiles_h * tiles_w
-        if products is None or products.shape[1] != tiles:
-            products = xp.empty((a * a, tiles, o), dtype=x_nhwc.dtype)
+        v = input_tiles(xp, x_nhwc, images, padding, out_hw, transforms, v_buffer)
+        products = buffer_view(xp, products_buffer, (a * a, tiles, o), x_nhwc.dtype)
         xp.matmul(v.reshape(a * a, tiles, c), u, out=products)       # the a*a GEMMs in one call
-        del v
         blocks = products.reshape(a, a, count, tiles_h, tiles_w, o)
         target = y[images]
 
@@ -485,21 +502,22 @@ def winograd_conv2d_backward(dy, cache: WinogradCache, need_input_grad=True, *, 
     if need_weight_grad:
         x_nhwc = channels_last(cache.x)
         tiles_h, tiles_w = tile_grid(cache.out_hw, m)
-        step = images_per_chunk(n, a * a * tiles_h * tiles_w * max(c, o))
+        step = images_per_chunk(n, a * a * tiles_h * tiles_w * max(c, o), xp)
+        tiles_per_chunk = min(step, n) * tiles_h * tiles_w
+        v_buffer = xp.empty(a * a * tiles_per_chunk * c, dtype=dy.dtype)
+        dm_buffer = xp.empty(a * a * tiles_per_chunk * o, dtype=dy.dtype)
         du = (xp.empty if n else xp.zeros)((a * a, c, o), dtype=dy.dtype)
-        part = None
+        part = xp.empty_like(du) if n > step else None
         for start in range(0, n, step):
             images = slice(start, min(start + step, n))
             tiles = (images.stop - images.start) * tiles_h * tiles_w
-            v = input_tiles(xp, x_nhwc, images, cache.padding, cache.out_hw, transforms).reshape(a * a, tiles, c)
-            dm = output_tile_gradients(xp, dy_nhwc, images, transforms).reshape(a * a, tiles, o)
+            v = input_tiles(xp, x_nhwc, images, cache.padding, cache.out_hw, transforms, v_buffer)
+            dm = output_tile_gradients(xp, dy_nhwc, images, transforms, dm_buffer)
+            v, dm = v.reshape(a * a, tiles, c), dm.reshape(a * a, tiles, o)
             if start == 0:
                 xp.matmul(v.transpose(0, 2, 1), dm, out=du)          # sums over this chunk's tiles
             else:
-                if part is None:
-                    part = xp.empty_like(du)
                 xp.matmul(v.transpose(0, 2, 1), dm, out=part)
                 du += part
-            del v, dm
         dweight = weight_gradient_from(du, transforms).transpose(3, 2, 0, 1)
     return dx, dweight, dbias
