@@ -616,3 +616,101 @@ def test_batchnorm_finalize_blocks_match_generic(rng, reverse, max_blocks, block
     assert_close(mine[1], ref[1], "float64", "running_var")
     for name, a, b in zip(("dx", "dweight", "dbias"), got, F.batchnorm_backward(dy, cache_ref)):
         assert_close(a, b, "float64", name)
+
+
+# --- scripts/gpu_probe.py: what it says is missing ------------------------------------------------------
+
+def _load_probe():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_probe.py"
+    spec = importlib.util.spec_from_file_location("numres_gpu_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_cupy(failures, driver=13000):
+    """A stand-in for CuPy on NumPy arrays: its RawModule runs numres's kernels through the g++ shim;
+    ``failures`` maps a function name to the exception it raises instead."""
+    import types
+
+    def maybe_fail(name, function):
+        def call(*args, **kwargs):
+            if name in failures:
+                raise failures[name]
+            return function(*args, **kwargs)
+        return call
+
+    class RawModule:
+        def __init__(self, code, options=()):
+            if "RawModule" in failures:
+                raise failures["RawModule"]
+            self.unit = next(unit for unit in sources.UNITS if sources.cuda_source(unit) == code)
+            assert "-std=c++17" in options
+
+        def get_function(self, entry):
+            name, suffix = entry.rsplit("_", 1)
+            kernel = sources.KERNELS[name]
+            assert kernel.unit == self.unit
+            dtype = {"f32": np.float32, "f64": np.float64}[suffix]
+            return lambda grid, block, args: shim.ShimRuntime(canaries=False)._run(kernel, dtype, grid, block, args)
+
+    properties = {"name": b"Fake H200", "totalGlobalMem": 2**37, "multiProcessorCount": 132}
+    cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda device: properties,
+                                      runtimeGetVersion=lambda: 13000, driverGetVersion=lambda: driver),
+        Device=lambda: types.SimpleNamespace(id=0, compute_capability="90"),
+        nvrtc=types.SimpleNamespace(getVersion=lambda: (13, 0)))
+    return types.SimpleNamespace(
+        __version__="14.2.0-fake", cuda=cuda, float32=np.float32, RawModule=RawModule,
+        asarray=lambda a, dtype=None: np.asarray(a, dtype=dtype), asnumpy=np.asarray, empty=np.empty,
+        matmul=maybe_fail("matmul", np.matmul), arange=maybe_fail("arange", np.arange))
+
+
+@pytest.mark.parametrize("failure, step, component", [
+    (None, None, None),
+    ({"matmul": RuntimeError("libcublas.so.13: cannot open shared object file: No such file or directory")},
+     "cuBLAS GEMM", "cuBLAS"),
+    ({"RawModule": RuntimeError("nvrtc: libnvrtc.so.13: cannot open shared object file")},
+     "RawModule compile", "NVRTC"),
+    ({"arange": RuntimeError('catastrophic error: cannot open source file "cuda_fp16.h"')},
+     "CuPy runtime kernels", "CUDA headers"),
+    ("old driver", "device", "driver"),
+])
+def test_the_gpu_probe_names_what_is_missing(monkeypatch, failure, step, component):
+    import sys
+    if shim.compiler() is None:
+        pytest.skip("g++ not installed")
+    probe = _load_probe()
+    fake = _fake_cupy({} if failure in (None, "old driver") else failure,
+                      driver=12080 if failure == "old driver" else 13000)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    report = probe.probe()
+    steps = report["steps"]
+    if step is None:       # everything but torch works (torch here is a CPU build)
+        assert all(steps[name]["ok"] for name in ("device", "cuBLAS GEMM", "CuPy runtime kernels",
+                                                  "RawModule compile")), steps
+        assert report["card"] == "Fake H200" and report["cuda_runtime_version"] == 13000
+    else:
+        assert not steps[step]["ok"] and component in steps[step]["missing"], steps[step]
+        assert not report["ok"]
+    import torch
+    assert steps["torch CUDA"]["ok"] is torch.cuda.is_available()
+
+
+def test_the_gpu_probe_without_cupy_says_so(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "cupy", None)         # import cupy raises ImportError
+    report = _load_probe().probe()
+    assert not report["ok"] and "CuPy" in report["steps"]["import cupy"]["missing"]
+
+
+def test_gpu_check_script_is_valid_bash():
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    # The H200 image has no network: where CuPy, CUDA torch and pytest import, nothing is installed.
+    assert 'import cupy, torch, pytest; assert torch.cuda.is_available()' in text
+    assert "PYTHONPATH" in text and "--time-budget" in text
