@@ -267,16 +267,22 @@ def test_other_convolutions_take_im2col(rng, restore_algorithm):
 
 
 def test_auto_rule(restore_algorithm):
+    """The measured rule: ResNet's 3x3 layers at batch 8 and 224x224 take Winograd except at 7x7."""
     choose = nr.functional.choose_conv_algorithm
     nr.functional.set_conv_algorithm("auto")
-    assert choose((8, 64, 56, 56), (64, 64, 3, 3), 1, 1) == "winograd"
-    assert choose((8, 256, 14, 14), (256, 256, 3, 3), 1, 1) == "winograd"
-    assert choose((8, 512, 7, 7), (512, 512, 3, 3), 1, 1) == "im2col"          # measured slower
+    for c, side in [(64, 56), (128, 28), (256, 14)]:
+        assert choose((8, c, side, side), (c, c, 3, 3), 1, 1) == "winograd", (c, side)
+    assert choose((8, 512, 7, 7), (512, 512, 3, 3), 1, 1) == "im2col"           # 8x8 of tiles for 7x7
+    assert choose((32, 256, 8, 8), (256, 256, 3, 3), 1, 1) == "winograd"
+    assert choose((32, 128, 8, 8), (128, 128, 3, 3), 1, 1) == "im2col"
+    assert choose((8, 64, 14, 14), (64, 64, 3, 3), 1, 1) == "im2col"           # too little work
+    assert choose((128, 16, 32, 32), (16, 16, 3, 3), 1, 1) == "im2col"         # too few channels
     assert choose((8, 64, 56, 56), (64, 64, 3, 3), 2, 1) == "im2col"           # stride 2
     assert choose((8, 64, 56, 56), (64, 64, 1, 1), 1, 0) == "im2col"           # 1x1
     assert choose((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, xp=object()) == "im2col"   # not NumPy
     nr.functional.set_conv_algorithm("winograd")
     assert choose((8, 512, 7, 7), (512, 512, 3, 3), 1, 1) == "winograd"
+    assert choose((1, 2, 3, 3), (2, 2, 3, 3), 1, 0) == "winograd"
     nr.functional.set_conv_algorithm("im2col")
     assert choose((8, 64, 56, 56), (64, 64, 3, 3), 1, 1) == "im2col"
 
@@ -306,7 +312,7 @@ def test_benchmark_mode_measures_each_shape_once(rng, restore_algorithm, monkeyp
     _, cache = algorithms.conv2d_forward(x2, weight, bias, 1, 1)
     assert len(calls) == 2 and not isinstance(cache, W.WinogradCache)
     nr.functional.set_conv_algorithm("auto", benchmark=False)
-    assert nr.functional.choose_conv_algorithm(x.shape, weight.shape, 1, 1) == "im2col"   # the rule: 6x6 < 14
+    assert nr.functional.choose_conv_algorithm(x.shape, weight.shape, 1, 1) == "im2col"   # the rule: too small
 
 
 def test_setting_and_context_manager(restore_algorithm):

@@ -14,20 +14,30 @@ the setting.  im2col stays the readable reference: both are tested against PyTor
 each other.  The choice is made in forward, and backward follows it (the cache says which).
 
 The "auto" rule.  Winograd F(2,3) does 2.25x fewer multiplications, but its transforms are
-elementwise passes over memory and its 16 GEMMs are smaller; measured on a Xeon (AVX-512), one
-core, batch 8, forward and backward each, time relative to im2col + GEMM:
+elementwise passes over memory whose cost grows with C + O while the GEMM work saved grows with
+C * O, and its 16 GEMMs are smaller.  Measured (CPU time of one thread, Xeon with AVX-512, float32,
+best of 3; a shared machine, so +-10-20%), forward / backward time relative to im2col + GEMM,
+for C -> C channels at side x side pixels and batch N::
 
-========================  ======  ======  ======  ======
-3x3 layer (C -> C)        64@56   128@28  256@14  512@7
-F(2x2, 3x3)               0.64x   0.70x   0.80x   1.20x
-F(4x4, 3x3)               0.73x   0.71x   1.14x   1.80x
-========================  ======  ======  ======  ======
+    wins                             loses (or ties)
+    64 at 56, N=8     0.64 / 0.68    64 at 14, N=8      1.48 / 1.27
+    128 at 28, N=8    0.70 / 0.70    128 at 14, N=8     1.10 / 0.92
+    256 at 14, N=8    0.80 / 0.78    128 at 14, N=16    0.95 / 0.95
+    256 at 28, N=8    0.77 / 0.75    128 at 8, N=32     1.15 / 1.13
+    64 at 112, N=2    0.68 / 0.77    256 at 4, N=32     1.30 / 1.23
+    64 at 16, N=32    0.94 / 0.84    512 at 7, N=8      1.20 / 1.21
+    256 at 8, N=32    0.83 / 0.77    16 at 32, N=32     1.39 / 0.86
+                                     32 at 16, N=32     1.32 / 1.14
+                                     64 at 8, N=32      2.05 / 1.69
 
-So "auto" takes F(2,3) where the output is at least :data:`AUTO_MIN_OUTPUT_SIDE` pixels on its
-shorter side (at 7x7 the 2x2 tiles cover 8x8, and the weight transform costs as much as the
-saved GEMM work), on the NumPy backend only: on a GPU the registered im2col kernels and cuBLAS
-stay in charge until Winograd is measured there.  The rule does not depend on timing, so a run
-is reproducible; :func:`choose_conv_algorithm` tells which algorithm a layer gets.
+(F(4,3) never beat F(2,3): 0.73x, 0.71x, 1.14x, 1.80x forward on the first four.)  So "auto"
+takes Winograd (:func:`auto_prefers_winograd`) where both channel counts are at least 64, the
+layer does enough work (N*OH*OW*C*O >= 2**25) for NumPy's per-call costs to fade, the output side
+is at least 14 (at least 8 with 256 or more channels), and the tiles cover at most 15% more than
+the output (a 7x7 output needs 8x8 of 2x2 tiles).  It does so on the NumPy backend only: on a GPU
+the registered im2col kernels and cuBLAS stay in charge until Winograd is measured there.  The
+rule does not depend on timing, so a run is reproducible; :func:`choose_conv_algorithm` tells
+which algorithm a layer gets.
 
 Measuring instead.  ``set_conv_algorithm("auto", benchmark=True)`` times both algorithms,
 forward and backward, the first time each layer shape is seen (as ``torch.backends.cudnn.benchmark``
@@ -48,7 +58,6 @@ from .winograd import WinogradCache, transforms_for, winograd_applies, winograd_
     winograd_conv2d_forward
 
 ALGORITHMS = ("im2col", "winograd", "auto")
-AUTO_MIN_OUTPUT_SIDE = 14
 
 _setting = {"algorithm": "auto", "winograd_tile": 2, "benchmark": False}
 _measured: dict = {}           # layer shape -> the algorithm that measured faster ("auto", benchmark=True)
@@ -128,8 +137,19 @@ def choose_conv_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1
     key = _shape_key(x_shape, weight_shape, pads, xp)
     if _setting["benchmark"] and key in _measured:
         return _measured[key]
-    out_side = min(x_shape[2] + 2 * pads[0] - 2, x_shape[3] + 2 * pads[1] - 2)
-    return "winograd" if xp is np and out_side >= AUTO_MIN_OUTPUT_SIDE else "im2col"
+    out_hw = (x_shape[2] + 2 * pads[0] - 2, x_shape[3] + 2 * pads[1] - 2)
+    winograd = xp is np and auto_prefers_winograd(x_shape[0], weight_shape[1], weight_shape[0], out_hw,
+                                                   get_winograd_tile())
+    return "winograd" if winograd else "im2col"
+
+
+def auto_prefers_winograd(n, in_channels, out_channels, out_hw, tile=2):
+    """The measured rule of "auto" (see the module's notes) for a 3x3 stride-1 layer on the CPU."""
+    channels, side = min(in_channels, out_channels), min(out_hw)
+    covered = (-(-out_hw[0] // tile) * tile) * (-(-out_hw[1] // tile) * tile) / (out_hw[0] * out_hw[1])
+    work = n * out_hw[0] * out_hw[1] * in_channels * out_channels
+    return (channels >= 64 and work >= 1 << 25 and covered <= 1.15
+            and (side >= 14 or (side >= 8 and channels >= 256)))
 
 
 def _shape_key(x_shape, weight_shape, pads, xp):
