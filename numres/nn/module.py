@@ -122,7 +122,7 @@ class HookHandle:
         self._hooks.pop(self.id, None)
 
 
-def _backward_running_hooks(backward):
+def _wrap_backward(backward):
     """Wrap a subclass's ``backward`` with what every backward shares.
 
     Around the layer's own code, the wrapper
@@ -139,7 +139,7 @@ def _backward_running_hooks(backward):
     """
 
     @functools.wraps(backward)
-    def backward_with_hooks(self, grad_output=None, *args, retain_graph=None, **kwargs):
+    def wrapped_backward(self, grad_output=None, *args, retain_graph=None, **kwargs):
         global _retain_graph
         state = self.__dict__
         if state.get("_running_backward", False):          # super().backward(...) inside a backward
@@ -166,8 +166,8 @@ def _backward_running_hooks(backward):
                 grad_input = replaced[0]
         return grad_input
 
-    backward_with_hooks.runs_hooks = True
-    return backward_with_hooks
+    wrapped_backward.is_wrapped_backward = True
+    return wrapped_backward
 
 
 def _to_arguments(args, backend, device, dtype):
@@ -232,7 +232,7 @@ class Module:
     input, as PyTorch's do: ``__call__`` runs it as a batch of one and drops the batch axis
     from the output, and ``backward`` does the same with the gradient.
 
-    A subclass's ``backward`` is wrapped automatically (see :func:`_backward_running_hooks`):
+    A subclass's ``backward`` is wrapped automatically (see :func:`_wrap_backward`):
     it accepts ``retain_graph=True``, frees the cache when done, and runs backward hooks.
     """
 
@@ -257,8 +257,8 @@ class Module:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         backward = cls.__dict__.get("backward")
-        if backward is not None and not getattr(backward, "runs_hooks", False):
-            cls.backward = _backward_running_hooks(backward)
+        if backward is not None and not getattr(backward, "is_wrapped_backward", False):
+            cls.backward = _wrap_backward(backward)
 
     # --- attribute bookkeeping ----------------------------------------------------------------
 
@@ -296,12 +296,18 @@ class Module:
     # --- running ------------------------------------------------------------------------------
 
     def forward(self, x):
+        """Compute the output and :meth:`save_for_backward` what backward will need."""
         raise NotImplementedError(f"{type(self).__name__} has no forward")
 
     def backward(self, grad_output):
+        """Accumulate the parameters' gradients and return ``dL/dinput`` (read the cache, never change it).
+
+        Every subclass's backward also takes ``retain_graph=True`` (see :func:`_wrap_backward`)."""
         raise NotImplementedError(f"{type(self).__name__} has no backward")
 
     def __call__(self, *inputs, **kwargs):
+        """``forward`` between the forward pre-hooks and hooks; remembers the output's shape and dtype,
+        which the upstream gradient of the next backward must have."""
         for hook in list(self._forward_pre_hooks.values()):
             replaced = hook(self, inputs)
             if replaced is not None:
