@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .functional.conv import output_size
+from .functional.conv import conv_output_hw
 from .functional.pooling import adaptive_output_size, pool_geometry
 from .nn import (AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Flatten, Identity, Linear, MaxPool2d, ReLU,
                  no_grad)
@@ -75,8 +75,7 @@ def _macs(module, input_shape, output_shape) -> int:
 def _conv2d_shape(module, x):
     module.check_input(x, ndim=4, channels=module.in_channels)
     n, _, h, w = x.shape
-    oh, ow = (output_size(size, k, s, p, d) for size, k, s, p, d in
-              zip((h, w), module.kernel_size, module.stride, module.padding, module.dilation))
+    oh, ow = conv_output_hw((h, w), module.kernel_size, module.stride, module.padding, module.dilation)
     return (n, module.out_channels, oh, ow)
 
 

@@ -252,7 +252,8 @@ def test_maxunpool_inverts_pytorchs_pool(kwargs):
     unpool_t = torch.nn.MaxUnpool2d(**unpool_kwargs)
     output_size = x.shape if "dilation" not in kwargs else None
     check_against_torch(lambda d: nr.nn.MaxUnpool2d(**unpool_kwargs, dtype=d), _WithIndices(unpool_t, indices_t,
-                        output_size), pooled, seed=6, extra_inputs=(indices,), forward_kwargs=dict(output_size=output_size))
+                        output_size), pooled, seed=6, extra_inputs=(indices,),
+                        forward_kwargs=dict(output_size=output_size))
     # Finite differences where each plane's indices are distinct (a repeated index is written once
     # but read back by each repeat, in numres as in PyTorch: there backward is not forward's derivative).
     planes = indices.reshape(-1, indices.shape[2] * indices.shape[3])
@@ -548,3 +549,18 @@ def test_pytorch_style_samples_in_one_place():
             result = nr.gradcheck(build_sample(sample, "float64"), x, max_entries=30, seed=number)
             assert result.worst < 1e-6, f"sample {sample}: finite differences disagree:\n{result}"
     assert worst["float64"] <= 1e-10 and worst["float32"] <= 1e-4, worst
+
+
+def test_summary_shapes_of_same_padded_and_padding_mode_convs():
+    """``summarize(shapes_only=True)`` computes the shapes the real forward gives ("same" is a string now)."""
+    from numres.summary import summarize
+
+    model = nr.nn.Sequential(nr.nn.Conv2d(3, 4, 4, padding="same"), nr.nn.Conv2d(4, 4, 3, padding="valid"),
+                             nr.nn.Conv2d(4, 2, 2, padding=(1, 2), padding_mode="circular"))
+    real, shapes = summarize(model, (1, 3, 9, 8)), summarize(model, (1, 3, 9, 8), shapes_only=True)
+    assert real.rows == shapes.rows
+    torch_model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 4, padding="same"),
+                                      torch.nn.Conv2d(4, 4, 3, padding="valid"),
+                                      torch.nn.Conv2d(4, 2, 2, padding=(1, 2), padding_mode="circular"))
+    assert shapes.rows[-1] == real.rows[-1] and tuple(torch_model(torch.zeros(1, 3, 9, 8)).shape) == (1, 2, 8, 9)
+    assert model(rand(1, 3, 9, 8).astype("float32")).shape == (1, 2, 8, 9)
