@@ -274,9 +274,11 @@ def test_auto_rule(restore_algorithm):
         assert choose((8, c, side, side), (c, c, 3, 3), 1, 1) == "winograd", (c, side)
     assert choose((8, 512, 7, 7), (512, 512, 3, 3), 1, 1) == "im2col"           # 8x8 of tiles for 7x7
     assert choose((32, 256, 8, 8), (256, 256, 3, 3), 1, 1) == "winograd"
-    assert choose((32, 128, 8, 8), (128, 128, 3, 3), 1, 1) == "im2col"
+    assert choose((32, 64, 16, 16), (64, 64, 3, 3), 1, 1) == "winograd"        # ResNet-50 at 64x64, batch 32
+    assert choose((128, 16, 32, 32), (16, 16, 3, 3), 1, 1) == "winograd"       # a CIFAR ResNet at batch 128
+    assert choose((32, 512, 2, 2), (512, 512, 3, 3), 1, 1) == "im2col"         # too few pixels
     assert choose((8, 64, 14, 14), (64, 64, 3, 3), 1, 1) == "im2col"           # too little work
-    assert choose((128, 16, 32, 32), (16, 16, 3, 3), 1, 1) == "im2col"         # too few channels
+    assert choose((8, 3, 224, 224), (16, 3, 3, 3), 1, 1) == "im2col"           # too few channels
     assert choose((8, 64, 56, 56), (64, 64, 3, 3), 2, 1) == "im2col"           # stride 2
     assert choose((8, 64, 56, 56), (64, 64, 1, 1), 1, 0) == "im2col"           # 1x1
     assert choose((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, xp=object()) == "im2col"   # not NumPy

@@ -15,29 +15,36 @@ each other.  The choice is made in forward, and backward follows it (the cache s
 
 The "auto" rule.  Winograd F(2,3) does 2.25x fewer multiplications, but its transforms are
 elementwise passes over memory whose cost grows with C + O while the GEMM work saved grows with
-C * O, and its 16 GEMMs are smaller.  Measured (CPU time of one thread, Xeon with AVX-512, float32,
-best of 3; a shared machine, so +-10-20%), forward / backward time relative to im2col + GEMM,
-for C -> C channels at side x side pixels and batch N::
+C * O, its 16 GEMMs are smaller, its weight transform costs 16*C*O whatever the batch, and a
+7x7 output needs 8x8 of 2x2 tiles.  Measured (CPU time of one thread, Xeon with AVX-512, float32,
+best of 3; a shared machine, so +-10-20% between runs), forward / backward time relative to
+im2col + GEMM, for C -> C channels at side x side pixels and batch N::
 
-    wins                             loses (or ties)
-    64 at 56, N=8     0.64 / 0.68    64 at 14, N=8      1.48 / 1.27
-    128 at 28, N=8    0.70 / 0.70    128 at 14, N=8     1.10 / 0.92
-    256 at 14, N=8    0.80 / 0.78    128 at 14, N=16    0.95 / 0.95
-    256 at 28, N=8    0.77 / 0.75    128 at 8, N=32     1.15 / 1.13
-    64 at 112, N=2    0.68 / 0.77    256 at 4, N=32     1.30 / 1.23
-    64 at 16, N=32    0.94 / 0.84    512 at 7, N=8      1.20 / 1.21
-    256 at 8, N=32    0.83 / 0.77    16 at 32, N=32     1.39 / 0.86
-                                     32 at 16, N=32     1.32 / 1.14
-                                     64 at 8, N=32      2.05 / 1.69
+    wins                                        ties or losses
+    64 at 56, N=8      0.59-0.76 / 0.70-0.73    64 at 14, N=8         1.06-1.17 / 0.93-1.11
+    128 at 28, N=8     0.65-0.67 / 0.70-0.76    128 at 14, N=8        1.02-1.06 / 0.95-1.01
+    256 at 14, N=8     0.84-0.85 / 0.82-0.84    512 at 4, N=32        0.96 / 1.03
+    64 at 28, N=8      0.90 / 0.92              512 at 7, N=8         1.21 / 1.25
+    32 at 56, N=8      0.99 / 0.81              512 at 2, N=32        1.62 / 1.63
+    64 at 16, N=32     0.70 / 0.64              3 -> 16 at 224, N=8   2.79 / 1.28
+    128 at 8, N=32     0.83 / 0.77
+    256 at 8, N=32     0.79 / 0.74
+    256 at 4, N=32     0.92 / 0.94
+    16 at 32, N=32     1.09 / 0.79
+    16 at 32, N=128    0.96 / 0.66
+    32 at 16, N=32     1.00 / 0.70
+    64 at 8, N=32      0.95 / 0.67
 
-(F(4,3) never beat F(2,3): 0.73x, 0.71x, 1.14x, 1.80x forward on the first four.)  So "auto"
-takes Winograd (:func:`auto_prefers_winograd`) where both channel counts are at least 64, the
-layer does enough work (N*OH*OW*C*O >= 2**25) for NumPy's per-call costs to fade, the output side
-is at least 14 (at least 8 with 256 or more channels), and the tiles cover at most 15% more than
-the output (a 7x7 output needs 8x8 of 2x2 tiles).  It does so on the NumPy backend only: on a GPU
-the registered im2col kernels and cuBLAS stay in charge until Winograd is measured there.  The
-rule does not depend on timing, so a run is reproducible; :func:`choose_conv_algorithm` tells
-which algorithm a layer gets.
+F(4,3) never beat F(2,3) (0.70-0.82x, 0.70-0.78x, 1.19-1.27x, 1.76-1.88x on the first, second,
+third and 512-at-7 layers).  So "auto" takes F(2,3) (:func:`auto_prefers_winograd`) where both
+channel counts are at least 16, the batch has at least 512 output pixels (N*OH*OW) to spread the
+weight transform over, the layer does at least 2**23 multiply-adds per tap (N*OH*OW*C*O) so that
+NumPy's per-call costs fade, and the tiles cover at most 15% more than the output.  It does so on
+the NumPy backend only: on a GPU the registered im2col kernels and cuBLAS stay in charge until
+Winograd is measured there.  The rule does not depend on timing, so a run is reproducible;
+:func:`choose_conv_algorithm` tells which algorithm a layer gets.  With many cores the balance
+may move (the 16 smaller GEMMs thread less well than im2col's one large GEMM): measure with the
+benchmark mode below.
 
 Measuring instead.  ``set_conv_algorithm("auto", benchmark=True)`` times both algorithms,
 forward and backward, the first time each layer shape is seen (as ``torch.backends.cudnn.benchmark``
@@ -145,11 +152,10 @@ def choose_conv_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1
 
 def auto_prefers_winograd(n, in_channels, out_channels, out_hw, tile=2):
     """The measured rule of "auto" (see the module's notes) for a 3x3 stride-1 layer on the CPU."""
-    channels, side = min(in_channels, out_channels), min(out_hw)
+    pixels = n * out_hw[0] * out_hw[1]
     covered = (-(-out_hw[0] // tile) * tile) * (-(-out_hw[1] // tile) * tile) / (out_hw[0] * out_hw[1])
-    work = n * out_hw[0] * out_hw[1] * in_channels * out_channels
-    return (channels >= 64 and work >= 1 << 25 and covered <= 1.15
-            and (side >= 14 or (side >= 8 and channels >= 256)))
+    return (min(in_channels, out_channels) >= 16 and pixels >= 512 and covered <= 1.15
+            and pixels * in_channels * out_channels >= 1 << 23)
 
 
 def _shape_key(x_shape, weight_shape, pads, xp):

@@ -234,95 +234,105 @@ def weight_gradient_from(du, transforms):
 
 
 def tile_row_runs(rows, tile_rows):
-    """Split a slice of ``images * tile_rows`` tile rows into ``(image, first, stop)`` runs within one image."""
+    """Split a slice of ``images * tile_rows`` tile rows into ``(images, first, stop)`` runs.
+
+    Each run covers tile rows ``first:stop`` of every image in the slice ``images``: either
+    some rows of one image, or all rows of several whole images (small images go many at a time).
+    """
     start, stop = rows.start, rows.stop
     while start < stop:
         image, first = divmod(start, tile_rows)
-        last = min(tile_rows, first + stop - start)
-        yield image, first, last
-        start += last - first
+        if first == 0 and stop - start >= tile_rows:
+            count = (stop - start) // tile_rows
+            yield slice(image, image + count), 0, tile_rows
+            start += count * tile_rows
+        else:
+            last = min(tile_rows, first + stop - start)
+            yield slice(image, image + 1), first, last
+            start += last - first
 
 
-def gather_tiles(xp, image, out, first, stop, matrix, step, tiles_w, pad_top=0, pad_left=0):
+def gather_tiles(xp, images, out, first, stop, matrix, step, tiles_w, pad_top=0, pad_left=0):
     """``out[p, q] = (matrix . d . matrix^T)[p, q]`` for every tile ``d`` of tile rows ``first:stop``.
 
-    ``image`` is one unpadded (H, W, C) channels-last image, ``out`` a (r, r, rows, tiles_w, C)
-    block of the transformed tiles.  Tile ``(t, s)`` reads ``d[i, j] = image[step*t + i - pad_top,
-    step*s + j - pad_left]`` for ``i, j < k`` with ``matrix`` (r, k), zero outside the image.
-    With ``B^T``, ``step = m`` and the convolution's padding it is the input transform; with ``A``
-    and ``k = step = m`` it is the transform of dy's tiles for dW.
+    ``images`` is a batch of unpadded (k, H, W, C) channels-last images, ``out`` the
+    (r, r, k, rows, tiles_w, C) block of their transformed tiles.  Tile ``(t, s)`` reads
+    ``d[i, j] = image[step*t + i - pad_top, step*s + j - pad_left]`` for ``i, j < k`` with
+    ``matrix`` (r, k), zero outside the image.  With ``B^T``, ``step = m`` and the convolution's
+    padding it is the input transform; with ``A`` and ``k = step = m`` it is the transform of
+    dy's tiles for dW.
 
     The rows these tiles read are first copied into a small zero-framed block (so padding costs
     no pass over the whole input, and the block is still in cache for the transform), with its
-    columns sorted by phase: ``block[row, j % step, s + j // step]`` is padded column
+    columns sorted by phase: ``block[n, row, j % step, s + j // step]`` is padded column
     ``step*s + j``.  Then tap ``j`` of every tile in a row is one contiguous run, and each
-    transform stage is one add or subtract over the whole run of tile rows per output.
+    transform stage is one add or subtract over the whole block per output.
     """
     r, k = len(matrix), len(matrix[0])
-    height, width, channels = image.shape
+    batch, height, width, channels = images.shape
     count = stop - first
     groups = tiles_w + (k - 1) // step
     block_h = step * (count - 1) + k
     top = step * first - pad_top                       # image row of the block's first row
     rows = slice(max(top, 0), min(top + block_h, height))
     inside = slice(rows.start - top, rows.stop - top)
-    block = xp.empty((block_h, step, groups, channels), dtype=out.dtype)
-    block[:inside.start] = 0
-    block[inside.stop:] = 0
+    block = xp.empty((batch, block_h, step, groups, channels), dtype=out.dtype)
+    block[:, :inside.start] = 0
+    block[:, inside.stop:] = 0
     for phase in range(step):
         # Group g of this phase holds image column step*g + phase - pad_left.
         lo = min(groups, max(0, -(-(pad_left - phase) // step)))
         hi = max(lo, min(groups, -(-(width + pad_left - phase) // step)))
-        block[inside, phase, :lo] = 0
-        block[inside, phase, hi:] = 0
+        block[:, inside, phase, :lo] = 0
+        block[:, inside, phase, hi:] = 0
         column = step * lo + phase - pad_left
-        block[inside, phase, lo:hi] = image[rows, column: column + step * (hi - lo) - step + 1: step]
+        block[:, inside, phase, lo:hi] = images[:, rows, column: column + step * (hi - lo) - step + 1: step]
     # Rows first: each tile row's k input rows combine into r rows (a strided slice each).
-    rows_in = [block[i: step * (count - 1) + i + 1: step] for i in range(k)]
-    combined = xp.empty((r, count, step, groups, channels), dtype=out.dtype)
+    rows_in = [block[:, i: step * (count - 1) + i + 1: step] for i in range(k)]
+    combined = xp.empty((r, batch, count, step, groups, channels), dtype=out.dtype)
     unit = all(abs(c) in (0, 1) for row in matrix for c in row)      # no scratch needed
     scratch = None if unit else xp.empty(combined.shape[1:], dtype=out.dtype)
     for p, coefficients in enumerate(matrix):
         combine(xp, combined[p], coefficients, rows_in, scratch)
     # Then columns, all r row-combinations at once, straight into the transformed-tile buffer.
-    cols_in = [combined[:, :, j % step, j // step: j // step + tiles_w] for j in range(k)]
-    scratch = None if unit else xp.empty((r, count, tiles_w, channels), dtype=out.dtype)
+    cols_in = [combined[..., j % step, j // step: j // step + tiles_w, :] for j in range(k)]
+    scratch = None if unit else xp.empty((r, batch, count, tiles_w, channels), dtype=out.dtype)
     for q, coefficients in enumerate(matrix):
         combine(xp, out[:, q], coefficients, cols_in, scratch)
 
 
-def scatter_tiles(xp, m_tiles, image, first, stop, transforms):
-    """Output transform ``Y = A^T M A`` of tile rows ``first:stop`` into one (OH, OW, O) image.
+def scatter_tiles(xp, m_tiles, images, first, stop, transforms):
+    """Output transform ``Y = A^T M A`` of tile rows ``first:stop`` into (k, OH, OW, O) ``images``.
 
-    ``m_tiles`` is the (a, a, rows, tiles_w, O) block of products for those rows.  Output
+    ``m_tiles`` is the (a, a, k, rows, tiles_w, O) block of products for those rows.  Output
     pixel ``(m*t + i, m*s + j)`` gets ``Y[i, j]`` of tile ``(t, s)``; the last tile row or
     column writes only the pixels that exist.
     """
     m, a = transforms.tile, transforms.size
-    out_h, out_w = image.shape[:2]
-    count = stop - first
+    batch, out_h, out_w = images.shape[:3]
     unit = all(abs(c) in (0, 1) for row in transforms.AT for c in row)    # no scratch needed
     # Rows: reduced[i] = sum_xi AT[i, xi] M[xi], all a columns at once.
-    reduced = xp.empty((m,) + m_tiles.shape[1:], dtype=image.dtype)
-    scratch = None if unit else xp.empty(m_tiles.shape[1:], dtype=image.dtype)
+    reduced = xp.empty((m,) + m_tiles.shape[1:], dtype=images.dtype)
+    scratch = None if unit else xp.empty(m_tiles.shape[1:], dtype=images.dtype)
     for i, coefficients in enumerate(transforms.AT):
         combine(xp, reduced[i], coefficients, [m_tiles[xi] for xi in range(a)], scratch)
-    # Columns, written into the image: whole tile rows with all m output rows at once ...
-    scratch = None if unit else xp.empty((m,) + m_tiles.shape[2:], dtype=image.dtype)
+    # Columns, written into the images: whole tile rows with all m output rows at once ...
+    scratch = None if unit else xp.empty((m,) + m_tiles.shape[2:], dtype=images.dtype)
     whole = max(0, min(stop, out_h // m) - first)
     if whole:
-        rows = image[m * first: m * (first + whole)].reshape(whole, m, out_w, -1).transpose(1, 0, 2, 3)
+        rows = images[:, m * first: m * (first + whole)].reshape(batch, whole, m, out_w, -1).transpose(2, 0, 1, 3, 4)
         for j, coefficients in enumerate(transforms.AT):
-            target = rows[:, :, j::m]
-            combine(xp, target, coefficients, [reduced[:, nu, :whole, :target.shape[2]] for nu in range(a)],
-                    scratch)
+            target = rows[..., j::m, :]
+            combine(xp, target, coefficients,
+                    [reduced[:, nu, :, :whole, :target.shape[3]] for nu in range(a)], scratch)
     # ... and the output rows of a last, partial tile row one by one.
     for t in range(first + whole, stop):
         for i in range(min(m, out_h - m * t)):
             for j, coefficients in enumerate(transforms.AT):
-                target = image[m * t + i, j::m]
-                combine(xp, target, coefficients, [reduced[i, nu, t - first, :target.shape[0]] for nu in range(a)],
-                        None if unit else scratch[0, 0])
+                target = images[:, m * t + i, j::m]
+                combine(xp, target, coefficients,
+                        [reduced[i, nu, :, t - first, :target.shape[1]] for nu in range(a)],
+                        None if unit else scratch[0, :, 0])
 
 
 # --- the convolution itself ----------------------------------------------------------------------------
@@ -358,9 +368,9 @@ def input_tiles(xp, x_nhwc, images, padding, out_hw, transforms, buffer=None):
     v = buffer_view(xp, buffer, (a, a, count, tiles_h, tiles_w, c), x_nhwc.dtype)
 
     def transform(rows):
-        for image, first, stop in tile_row_runs(rows, tiles_h):
-            gather_tiles(xp, x_nhwc[images.start + image], v[:, :, image, first:stop], first, stop,
-                         transforms.BT, m, tiles_w, *padding)
+        for run, first, stop in tile_row_runs(rows, tiles_h):
+            gather_tiles(xp, x_nhwc[images.start + run.start: images.start + run.stop], v[:, :, run, first:stop],
+                         first, stop, transforms.BT, m, tiles_w, *padding)
 
     map_tiles(transform, count * tiles_h, a * a * tiles_w * c, xp, TRANSFORM_TILE_ELEMENTS)
     return v
@@ -375,9 +385,9 @@ def output_tile_gradients(xp, dy_nhwc, images, transforms, buffer=None):
     a_matrix = transposed(transforms.AT)                                # A, (a, m)
 
     def transform(rows):
-        for image, first, stop in tile_row_runs(rows, tiles_h):
-            gather_tiles(xp, dy_nhwc[images.start + image], dm[:, :, image, first:stop], first, stop,
-                         a_matrix, m, tiles_w)
+        for run, first, stop in tile_row_runs(rows, tiles_h):
+            gather_tiles(xp, dy_nhwc[images.start + run.start: images.start + run.stop], dm[:, :, run, first:stop],
+                         first, stop, a_matrix, m, tiles_w)
 
     map_tiles(transform, count * tiles_h, a * a * tiles_w * o, xp, TRANSFORM_TILE_ELEMENTS)
     return dm
@@ -408,8 +418,8 @@ def winograd_convolve(x_nhwc, u, padding, transforms):
         target = y[images]
 
         def output_transform(rows):
-            for image, first, stop in tile_row_runs(rows, tiles_h):
-                scatter_tiles(xp, blocks[:, :, image, first:stop], target[image], first, stop, transforms)
+            for run, first, stop in tile_row_runs(rows, tiles_h):
+                scatter_tiles(xp, blocks[:, :, run, first:stop], target[run], first, stop, transforms)
 
         map_tiles(output_transform, count * tiles_h, a * a * tiles_w * o, xp, TRANSFORM_TILE_ELEMENTS)
     return y
