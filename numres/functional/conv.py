@@ -240,7 +240,7 @@ def conv_padding(padding, kernel, stride, dilation):
 def conv_output_hw(in_hw, kernel, stride, padding, dilation):
     """``(OH, OW)`` of a convolution with any ``padding`` that :func:`conv_padding` accepts."""
     pads = conv_padding(padding, kernel, stride, dilation)
-    # Two-sided padding (a, b) gives the output size of symmetric padding (a+b)/2.
+    # Padding (before, after) on an axis of length L: symmetric padding `before` on length L + after - before.
     return tuple(output_size(in_hw[a] + pads[a][1] - pads[a][0], kernel[a], stride[a], pads[a][0], dilation[a])
                  for a in range(2))
 
@@ -250,7 +250,7 @@ def padding_sources(size, before, after, mode):
 
     With ``i`` running from ``-before`` to ``size + after - 1``::
 
-        reflect    s(i) = |i| mirrored at both ends (the edge itself is not repeated)
+        reflect    s(i) = -i for i < 0, 2 * (size - 1) - i for i >= size (the edge is not repeated)
         replicate  s(i) = clip(i, 0, size - 1)
         circular   s(i) = i mod size
     """

@@ -100,10 +100,10 @@ def maxpool2d_forward(x, kernel_size, stride=None, padding=0, dilation=1, ceil_m
     ``y`` is the running maximum over the taps.  ``indices`` are PyTorch's: for each output,
     the position ``h * W + w`` of its window's maximum in the input plane, int64.
     """
-    if return_indices:
-        return _maxpool2d_with_indices(x, pool_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode))
-    xp = xp_of(x)
     geometry = pool_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    if return_indices:
+        return _maxpool2d_with_indices(x, geometry)
+    xp = xp_of(x)
     padded = _padded(x, geometry, -xp.inf)
     y = xp.empty((x.shape[0], *geometry.out_hw, x.shape[1]), dtype=x.dtype)
 
