@@ -22,6 +22,13 @@ replays the plan and skips those steps; the weights then evolve exactly as in an
 uninterrupted run.  Ctrl-C sets a flag, the current step finishes, and a checkpoint
 of that position is written (a second Ctrl-C stops at once, without one).
 
+**Many processes** (``mpiexec -n N numres train``, or ``--nproc N``).  Every rank draws the same
+global batch of ``batch_size`` images and trains on its contiguous block of ``batch_size / N`` rows
+(:class:`~numres.data.RankBatches`) through :class:`~numres.nn.parallel.DistributedDataParallel`,
+so the data order, the augmentation and the resume point are those of a one-process run.  The loss
+and accuracy of each step, and the evaluation (each rank a part of every test batch), are summed over
+the ranks.  Rank 0 alone prints and writes files.
+
 **Non-finite loss.**  The failing batch is run forward again with a forward hook on
 every module; the first module (in execution order) whose output holds NaN or
 infinity is named in the :class:`NonFiniteLossError`, with the step number and any
@@ -47,11 +54,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend as B
+from . import distributed as dist
 from . import init
 from .data import AUGMENTATION, DataLoader, load_dataset
+from .data.sampler import RankBatches, local_part
 from .io import atomic_write, load, save
 from .models.cifar import CIFAR_MODELS
 from .nn import CrossEntropyLoss, no_grad
+from .nn.parallel import DistributedDataParallel
 from .optim import SGD
 from .optim.lr_scheduler import CosineAnnealingLR, MultiStepLR, linear_warmup
 
@@ -226,8 +236,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, out_dir, *, progress=True, log=None):
         self.config = config
         self.out_dir = os.fspath(out_dir)
-        self.progress = progress
-        self.log = log or (lambda text: print(text, flush=True))
+        self.world_size, self.is_main = dist.get_world_size(), dist.is_main_process()
+        if self.world_size > 1 and config.batch_size % self.world_size:
+            raise ValueError(f"batch size {config.batch_size} does not split evenly over {self.world_size} processes")
+        if self.world_size > 1 and config.backend == "cupy":
+            dist.select_device()
+        self.progress = progress and self.is_main
+        self.log = (log or (lambda text: print(text, flush=True))) if self.is_main else (lambda text: None)
         self.history = []
         self.epoch = 0              # completed epochs
         self.step_in_epoch = 0      # steps taken in the current (incomplete) epoch
@@ -257,6 +272,8 @@ class Trainer:
                              weight_decay=config.weight_decay, nesterov=config.nesterov)
         self.scheduler = build_schedule(self.optimizer, config)
         self._skip_input_grad = "need_input_grad" in inspect.signature(self.model.backward).parameters
+        # one process: the model itself; many: its DDP wrapper (checkpoints keep the model's own names)
+        self.parallel_model = DistributedDataParallel(self.model) if self.world_size > 1 else self.model
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -289,7 +306,8 @@ class Trainer:
         return names + (["curves.png"] if self.curves_written else [])
 
     def save_checkpoint(self):
-        save(self.state(), self.checkpoint_path)
+        if self.is_main:
+            save(self.state(), self.checkpoint_path)
 
     def load_state(self, state: dict):
         """Continue from a checkpoint made by :meth:`state` (the model and loaders are already built)."""
@@ -417,6 +435,8 @@ class Trainer:
         except FloatingPointError:          # the NumPy backend's loss refuses non-finite values itself
             stats = None
         loss_value, correct = (float("nan"), 0) if stats is None else (float(stats[0]), int(stats[1]))
+        if stats is not None and len(stats) > 2 and stats[2] > 0:
+            self._stop = True                   # Ctrl-C reached some rank: all stop after this step
         if not math.isfinite(loss_value):
             found = locate_nonfinite(self.model, x)
             where = f"epoch {epoch_number}, step {self.step_in_epoch + 1} (global step {self.global_step + 1})"
@@ -428,18 +448,31 @@ class Trainer:
     def forward_backward(self, x, y):
         """Forward and backward, all on the device; returns the device pair ``[loss, number correct]``."""
         xp = B.xp_of(x)
-        logits = self.model(x)
+        if self.world_size > 1:             # this rank's block of the global batch
+            part = local_part(len(y))
+            x, y = x[part], y[part]
+        logits = self.parallel_model(x)
         loss = self.criterion(logits, y)
         if self._skip_input_grad:          # nobody needs dL/dx: skip the stem's input gradient
-            self.model.backward(self.criterion.backward(), need_input_grad=False)
+            self.parallel_model.backward(self.criterion.backward(), need_input_grad=False)
         else:
-            self.model.backward(self.criterion.backward())
+            self.parallel_model.backward(self.criterion.backward())
         correct = (logits.argmax(axis=1) == y).sum()
-        return xp.stack([loss.astype(xp.float64), correct.astype(xp.float64)])
+        if self.world_size == 1:
+            return xp.stack([loss.astype(xp.float64), correct.astype(xp.float64)])
+        # [global mean loss, global correct, stop requested on any rank]: one small allreduce per step
+        stats = xp.stack([loss.astype(xp.float64) * len(y), correct.astype(xp.float64),
+                          xp.asarray(float(self._stop), dtype=xp.float64)])
+        dist.all_reduce(stats)
+        stats[0] /= len(y) * self.world_size
+        return stats
 
     def evaluate(self, loader=None) -> dict:
         """``{"loss", "acc", "confusion"}`` of the model in eval mode on ``loader`` (the test split by default)."""
-        return evaluate_model(self.model, loader or self.test_loader, len(self.classes), self.criterion)
+        if self.world_size > 1:
+            self.parallel_model.sync_buffers()      # every rank evaluates rank 0's model (BN running statistics)
+        return evaluate_model(self.model, loader or self.test_loader, len(self.classes), self.criterion,
+                              shard=self.world_size > 1)
 
     def _diagnose_evaluation(self, loss_value):
         """The test loss went non-finite (in eval mode, with the running statistics): find where, and stop."""
@@ -469,17 +502,21 @@ class Trainer:
         self.totals = _EpochTotals()
         self.scheduler.step()
         self.save_checkpoint()
-        write_metrics(self.history, self.out_dir)
-        if write_curves(self.history, os.path.join(self.out_dir, "curves.png")):
-            self.curves_written = True
+        if self.is_main:
+            write_metrics(self.history, self.out_dir)
+            if write_curves(self.history, os.path.join(self.out_dir, "curves.png")):
+                self.curves_written = True
         self.log(f"epoch {record['epoch']:>3}/{self.config.epochs}  lr {lr:.4g}  "
                  f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}  "
                  f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.4f}  "
                  f"{record['epoch_seconds']:.1f}s {record['images_per_second']:.0f} img/s")
 
 
-def evaluate_model(model, loader, num_classes, criterion=None) -> dict:
-    """Mean loss, accuracy and confusion matrix (rows: true class, columns: predicted) in eval mode."""
+def evaluate_model(model, loader, num_classes, criterion=None, shard=False) -> dict:
+    """Mean loss, accuracy and confusion matrix (rows: true class, columns: predicted) in eval mode.
+
+    ``shard=True`` in a job of many processes: each rank evaluates its block of every batch and the
+    sums are added over the ranks, so every example counts exactly once."""
     criterion = criterion or CrossEntropyLoss(backend=model.backend, dtype=model.dtype)
     was_training = model.training
     model.eval()
@@ -489,7 +526,7 @@ def evaluate_model(model, loader, num_classes, criterion=None) -> dict:
     loss_sum = xp.zeros((), dtype=xp.float64)
     try:
         with no_grad():
-            for x, y in loader:
+            for x, y in (RankBatches(loader) if shard else loader):
                 logits = model(x)
                 with np.errstate(all="ignore"):
                     try:
@@ -501,6 +538,9 @@ def evaluate_model(model, loader, num_classes, criterion=None) -> dict:
                 confusion += one_hot[y].T @ one_hot[logits.argmax(axis=1)]
     finally:
         model.train(was_training)
+    if shard:
+        dist.all_reduce(confusion)
+        dist.all_reduce(loss_sum)
     confusion = np.rint(_host(confusion)).astype(np.int64)
     total = max(int(confusion.sum()), 1)
     return {"loss": float(_host(loss_sum)) / total, "acc": float(np.trace(confusion)) / total,

@@ -341,3 +341,63 @@ def test_ddp_rejects_what_it_cannot_do():
         nr.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0)
     with pytest.raises(ValueError, match="dim 0 only"):
         nr.nn.parallel.DistributedDataParallel(model, dim=1)
+
+
+# --- numres train under mpiexec -----------------------------------------------------------------------
+
+def run_train(tmp_path, out, *options, ranks=2, timeout=300, nproc_flag=False):
+    """``numres train`` on the digits, under ``mpiexec -n ranks`` (or ``--nproc``; ranks=1: plain)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NUMRES_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "numres", "train", "--no-progress", "--threads", "1", "--out", str(out),
+               *map(str, options)]
+    if ranks > 1:
+        command = command + ["--nproc", str(ranks)] if nproc_flag else [MPIEXEC, "-n", str(ranks)] + command
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(tmp_path))
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"numres train did not finish within {timeout} s (a hang): {exc.stderr}")
+
+
+def _final_accuracy(out):
+    return json.loads((out / "metrics.json").read_text())[-1]["test_acc"]
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_two_rank_digits_run_reaches_the_accuracy_of_one_process(tmp_path):
+    single = run_train(tmp_path, tmp_path / "one", "--epochs", 4, ranks=1)
+    assert single.returncode == 0, single.stderr
+    double = run_train(tmp_path, tmp_path / "two", "--epochs", 4, ranks=2, nproc_flag=True)
+    assert double.returncode == 0, double.stderr
+    assert "data-parallel over 2 processes" in double.stdout
+    assert double.stdout.count("epoch   4/4") == 1                      # rank 0 alone prints
+    one, two = _final_accuracy(tmp_path / "one"), _final_accuracy(tmp_path / "two")
+    assert one > 0.9 and two > 0.9, (one, two)                        # both learn the digits ...
+    assert abs(one - two) < 0.04, (one, two)                          # ... to the same band
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one").iterdir())          # the same files, written once
+
+
+@needs_mpi
+def test_two_rank_run_resumes_bit_exactly(tmp_path):
+    options = ("--subset", 256, "--batch-size", 32)
+    straight = run_train(tmp_path, tmp_path / "straight", "--epochs", 2, *options)
+    assert straight.returncode == 0, straight.stderr
+    first = run_train(tmp_path, tmp_path / "resumed", "--epochs", 1, *options)
+    assert first.returncode == 0, first.stderr
+    resumed = run_train(tmp_path, tmp_path / "resumed", "--resume", "--epochs", 2)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = nr.load(tmp_path / "straight" / "checkpoint.npz"), nr.load(tmp_path / "resumed" / "checkpoint.npz")
+    assert list(a["model"]) == list(b["model"])
+    for key in a["model"]:
+        assert np.array_equal(a["model"][key], b["model"][key]), f"{key} differs after resuming"
+    assert a["history"][-1]["test_acc"] == b["history"][-1]["test_acc"]
+
+
+@needs_mpi
+def test_a_failing_train_rank_aborts_the_job_with_its_message(tmp_path):
+    process = run_train(tmp_path, tmp_path / "bad", "--epochs", 1, "--batch-size", 33, timeout=60)
+    assert process.returncode != 0
+    assert "batch size 33 does not split evenly over 2 processes" in process.stderr
+    assert "MPI_Abort" in process.stderr or "aborting" in process.stderr

@@ -4,6 +4,7 @@
     numres train --dataset cifar10 --data-dir ~/data/cifar10 --epochs 182 --batch-size 128 \\
                  --schedule multistep --milestones 91 136      # the paper's recipe (He et al. 2015, sec. 4.2)
     numres train --out runs/digits-resnet20 --resume          # continue an interrupted run exactly
+    mpiexec -n 2 numres train                                 # data-parallel over 2 processes (or --nproc 2)
 
 Options left out take the defaults of :class:`numres.training.TrainConfig`; with
 ``--resume`` they come from the checkpoint instead, and only ``--epochs`` (to extend
@@ -15,6 +16,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import subprocess
 import sys
 
 from ..training import SCHEDULES, NonFiniteLossError, Trainer, TrainConfig, checkpoint_file, model_names
@@ -70,6 +72,9 @@ def add_arguments(parser):
                        help="BLAS threads on the CPU; 'auto': 1 for images of 16x16 or less, whose GEMMs are "
                             "too small to split, else the library's default")
     where.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    where.add_argument("--nproc", type=int, metavar="N",
+                       help="train data-parallel on N processes: launches mpiexec -n N itself (or start the "
+                            "command under mpiexec/srun); --batch-size is the global batch, split over them")
 
 
 def _config_values(args) -> dict:
@@ -148,6 +153,51 @@ def _listing(names) -> str:
 
 
 def run(args) -> int:
+    """One process, or one rank of ``mpiexec -n N``: a raising rank aborts the whole job with its message."""
+    from .. import distributed as dist
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    if nproc is not None and nproc > 1 and dist.launched_world_size() == 1:
+        return _launch(nproc)
+    if dist.launched_world_size() == 1:
+        return _run(args)
+    dist.init()
+    if dist.get_rank() == 0:
+        print(f"data-parallel over {dist.get_world_size()} processes; rank 0 prints and writes", flush=True)
+    try:
+        with contextlib.redirect_stdout(sys.stdout if dist.get_rank() == 0 else open(os.devnull, "w")):
+            return _run(args)
+    except BaseException as exc:        # any failure on any rank must end every rank, never leave them waiting
+        if isinstance(exc, SystemExit) and not exc.code:
+            raise
+        if os.environ.get("NUMRES_DEBUG"):
+            import traceback
+            traceback.print_exc()
+        dist.abort(f"numres train: error: {type(exc).__name__}: {exc}")
+
+
+def _launch(nproc) -> int:
+    """``--nproc N`` from the command line: run this same command under ``mpiexec -n N``."""
+    from .. import distributed as dist
+    rest, skip, found = [], False, False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = found = True
+        elif arg.startswith("--nproc="):
+            found = True
+        else:
+            rest.append(arg)
+    if not found or "train" not in rest:
+        raise UsageError("--nproc works from the command line; from Python, start the job with mpiexec -n N")
+    command = dist.mpiexec_command(nproc, rest)
+    print(f"launching: {' '.join(command)}", flush=True)
+    return subprocess.call(command)
+
+
+def _run(args) -> int:
     count = _thread_count(args.threads)
     trainer = _trainer(args)
     threads = _blas_threads(count, trainer)

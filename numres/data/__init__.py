@@ -21,7 +21,7 @@ from . import transforms
 from .imagefolder import IMG_EXTENSIONS, BadImageError, ImageFolder, make_shapes_folder
 from .loader import DataLoader, ImageDataset
 from .workers import ImageLoader, LoaderWorkerError, WorkerDiedError
-from .sampler import DistributedEvalSampler, DistributedSampler, shard
+from .sampler import DistributedEvalSampler, DistributedSampler, RankBatches, local_part, shard
 
 DATASETS = ("digits", "cifar10")
 AUGMENTATION = {"digits": dict(crop_padding=1, flip=False), "cifar10": dict(crop_padding=4, flip=True)}
@@ -44,4 +44,4 @@ def load_dataset(name: str, split: str = "train", data_dir=None) -> ImageDataset
 
 __all__ = ["DATASETS", "AUGMENTATION", "load_dataset", "load_digits", "load_cifar10", "CifarFormatError",
            "DataLoader", "ImageDataset", "DistributedSampler",
-           "DistributedEvalSampler", "shard"]
+           "DistributedEvalSampler", "shard", "RankBatches", "local_part"]

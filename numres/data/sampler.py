@@ -23,6 +23,11 @@ metrics summed over ranks (:func:`numres.distributed.all_reduce_sums`) are exact
 
 :func:`shard` turns a list of indices into an :class:`~numres.data.loader.ImageDataset` of those
 examples, which a :class:`~numres.data.loader.DataLoader` (with ``shuffle=False``) then batches.
+
+:class:`RankBatches` splits each batch of a loader instead: every rank draws the same global batch
+(same seed, same plan), and rank ``r`` keeps rows ``local_part(B, r, W)``, a contiguous block of
+``B / W`` rows.  ``numres train`` does this, so a run's randomness and its resume point do not depend on
+the number of processes.
 """
 from __future__ import annotations
 
@@ -113,3 +118,26 @@ def shard(dataset, indices):
     indices = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64)
     return ImageDataset(dataset.images[indices], dataset.labels[indices], dataset.classes, dataset.max_value,
                         dataset.name)
+
+
+def local_part(count: int, rank=None, world_size=None) -> slice:
+    """Rank ``rank``'s contiguous block of ``count`` rows split over ``world_size`` ranks (sizes differ by <= 1)."""
+    world_size, rank = _resolve(world_size, rank)
+    return slice(rank * count // world_size, (rank + 1) * count // world_size)
+
+
+class RankBatches:
+    """``(x, y)`` batches of ``loader`` cut to this rank's :func:`local_part`; empty parts are skipped."""
+
+    def __init__(self, loader, rank=None, world_size=None):
+        self.loader = loader
+        self.world_size, self.rank = _resolve(world_size, rank)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            part = local_part(len(y), self.rank, self.world_size)
+            if part.stop > part.start:
+                yield x[part], y[part]

@@ -12,9 +12,10 @@ See docs/distributed.md for the design, the scaling model and the measured numbe
 """
 from .collectives import (all_gather_object, all_reduce, all_reduce_async, all_reduce_sums, barrier, broadcast,
                           broadcast_object, communicator_for)
+from .launch import find_mpiexec, mpiexec_command
 from .process_group import (abort, get_comm, get_local_rank, get_rank, get_world_size, init, is_initialized,
-                            is_main_process)
+                            is_main_process, launched_world_size, select_device)
 
 __all__ = ["init", "is_initialized", "get_rank", "get_world_size", "get_local_rank", "get_comm", "is_main_process",
-           "abort", "all_reduce", "all_reduce_async", "all_reduce_sums", "broadcast", "all_gather_object",
+           "abort", "select_device", "launched_world_size", "find_mpiexec", "mpiexec_command", "all_reduce", "all_reduce_async", "all_reduce_sums", "broadcast", "all_gather_object",
            "broadcast_object", "barrier", "communicator_for"]

@@ -62,25 +62,24 @@ class MPICommunicator:
         self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
 
     @staticmethod
-    def _check(array):
+    def _flat(array):
+        """A 1-D view of ``array`` (MPI cannot write through a 0-d array's buffer)."""
         if not isinstance(array, np.ndarray):
             raise TypeError(f"the MPI communicator reduces NumPy arrays, got {type(array).__module__}."
                             f"{type(array).__name__}")
         if not array.flags.c_contiguous:
             raise ValueError("the MPI communicator needs a C-contiguous array (copy it with np.ascontiguousarray)")
+        return array.reshape(-1)
 
     def allreduce(self, array):
-        self._check(array)
-        self.comm.Allreduce(self._mpi.IN_PLACE, array, op=self._mpi.SUM)
+        self.comm.Allreduce(self._mpi.IN_PLACE, self._flat(array), op=self._mpi.SUM)
         return array
 
     def iallreduce(self, array) -> MPIWork:
-        self._check(array)
-        return MPIWork(self.comm.Iallreduce(self._mpi.IN_PLACE, array, op=self._mpi.SUM))
+        return MPIWork(self.comm.Iallreduce(self._mpi.IN_PLACE, self._flat(array), op=self._mpi.SUM))
 
     def broadcast(self, array, root=0):
-        self._check(array)
-        self.comm.Bcast(array, root=root)
+        self.comm.Bcast(self._flat(array), root=root)
         return array
 
     def allgather_object(self, obj):

@@ -19,6 +19,7 @@ job at once (``abort_on_exception=False`` leaves the hook alone).
 """
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -52,16 +53,32 @@ def init(backend: str = "numpy", *, abort_on_exception: bool = True, comm=None):
         _state["previous_excepthook"] = sys.excepthook
         sys.excepthook = _abort_job_on_uncaught_exception
     if backend == "cupy":
-        _select_device()
+        select_device()
     return comm
 
 
-def _select_device():
-    """Bind this process to GPU ``local_rank % device_count`` (one process per GPU)."""
+def select_device() -> int:
+    """Bind this process to GPU ``local_rank % device_count`` (one process per GPU); returns the device id.
+    Call it before any CuPy array is made (``init(backend="cupy")`` does)."""
     from .. import backend as B
     cupy = B.get_xp("cupy")
-    count = cupy.cuda.runtime.getDeviceCount()
-    cupy.cuda.Device(_state["local_rank"] % count).use()
+    device = _state["local_rank"] % cupy.cuda.runtime.getDeviceCount()
+    cupy.cuda.Device(device).use()
+    return device
+
+
+# Set by the launchers for each process: MPICH/Intel MPI (and srun --mpi=pmi2), Open MPI, MVAPICH.
+LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_world_size() -> int:
+    """How many processes an MPI launcher started this job with (1 when none did), read from the
+    environment without starting MPI."""
+    for name in LAUNCHER_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
 
 
 def _abort_job_on_uncaught_exception(exc_type, exc, tb):

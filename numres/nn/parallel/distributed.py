@@ -136,9 +136,13 @@ class DistributedDataParallel(Module):
 
     # --- running ----------------------------------------------------------------------------------------
 
+    def sync_buffers(self):
+        """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""
+        self._broadcast_arrays(list(self.module.buffers()))
+
     def forward(self, *inputs, **kwargs):
         if self.broadcast_buffers and self.training and self.world_size > 1:
-            self._broadcast_arrays(list(self.module.buffers()))
+            self.sync_buffers()
         return self.module(*inputs, **kwargs)
 
     def backward(self, grad_output, *args, **kwargs):
