@@ -714,3 +714,61 @@ def test_gpu_check_script_is_valid_bash():
     # The H200 image has no network: where CuPy, CUDA torch and pytest import, nothing is installed.
     assert 'import cupy, torch, pytest; assert torch.cuda.is_available()' in text
     assert "PYTHONPATH" in text and "--time-budget" in text
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_cross_entropy_kernel_ignores_targets_like_the_generic_op(host, rng, dtype, reduction, ignore_index):
+    logits = (rng.standard_normal((9, 6)) * 3).astype(dtype)
+    target = rng.integers(0, 6, 9)
+    target[[1, 4, 5]] = ignore_index
+    value, cache = loss.cross_entropy_forward(framed_input(logits), target, reduction, 0.2, ignore_index=ignore_index)
+    value_ref, cache_ref = F.cross_entropy_forward(logits, target, reduction, 0.2, ignore_index=ignore_index)
+    assert_close(value, value_ref, dtype, "loss")
+    assert any(entry.startswith("softmax_xent_forward") for entry, _, _ in host.launches)
+    dloss = rng.standard_normal(9).astype(dtype) if reduction == "none" else np.asarray(0.6, dtype=dtype)
+    for upstream in ([dloss] if reduction == "none" else [dloss, 0.6]):
+        dlogits = loss.cross_entropy_backward(upstream, cache)
+        assert_close(dlogits, F.cross_entropy_backward(upstream, cache_ref), dtype, "dlogits")
+        assert not dlogits[[1, 4, 5]].any()
+
+
+def test_cross_entropy_kernel_mean_over_no_counted_row_is_nan(host, rng):
+    logits = rng.standard_normal((3, 4))
+    target = np.full(3, -100)
+    value, cache = loss.cross_entropy_forward(framed_input(logits), target)
+    value_ref, _ = F.cross_entropy_forward(logits, target)
+    assert np.isnan(value) and np.isnan(value_ref)
+
+
+def test_kernels_take_the_frozen_and_weighted_variants(host, rng):
+    """need_param_grads=False (BN), need_bias_grad (conv), class weights (loss: the generic op)."""
+    x = rng.standard_normal((2, 3, 5, 4))
+    weight, bias = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
+    y, cache = batchnorm.batchnorm_train_forward(framed_input(x), weight, bias, None, None)
+    y_ref, cache_ref = F.batchnorm_train_forward(x, weight, bias, None, None)
+    dy = rng.standard_normal(x.shape)
+    dx, dweight, dbias = batchnorm.batchnorm_backward(dy, cache, need_param_grads=False)
+    assert dweight is None and dbias is None
+    assert_close(dx, F.batchnorm_backward(dy, cache_ref)[0], "float64", "bn dx")
+    w = rng.standard_normal((4, 3, 3, 3))
+    conv_bias = rng.standard_normal(4)
+    y, cache = conv.conv2d_forward(framed_input(x), w, conv_bias, 1, 1)
+    dy = rng.standard_normal(y.shape)
+    dx, dweight, dbias = conv.conv2d_backward(dy, cache, need_weight_grad=False, need_bias_grad=True)
+    assert dweight is None
+    assert_close(dbias, dy.sum(axis=(0, 2, 3)), "float64", "conv dbias")
+    assert conv.conv2d_backward(dy, cache, need_weight_grad=False)[2] is None
+    logits, target = rng.standard_normal((5, 4)), rng.integers(0, 4, 5)
+    class_weight = rng.uniform(0.5, 2, 4)
+    value = _no_launch(host, loss.cross_entropy_forward, logits, target, weight=class_weight)[0]
+    assert_close(value, F.cross_entropy_forward(logits, target, weight=class_weight)[0], "float64", "weighted loss")
+
+
+def test_conv_kernel_leaves_same_padding_and_padding_modes_to_the_generic_op(host, rng):
+    x = rng.standard_normal((1, 2, 6, 5))
+    w = rng.standard_normal((3, 2, 2, 3))
+    for padding, options in (("same", {}), ((1, 1), {"padding_mode": "reflect"})):
+        y = _no_launch(host, conv.conv2d_forward, x, w, None, 1, padding, 1, 1, **options)[0]
+        np.testing.assert_array_equal(y, F.conv2d_forward(x, w, None, 1, padding, 1, 1, **options)[0])

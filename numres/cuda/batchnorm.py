@@ -146,8 +146,9 @@ def batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps=1e-5,
 
 
 @kernel_op(generic.batchnorm_backward, cache_type=KernelBatchNormCache)
-def batchnorm_backward(dy, cache):
-    """Kernel version of :func:`numres.functional.batchnorm.batchnorm_backward`: ``(dx, dweight, dbias)``."""
+def batchnorm_backward(dy, cache, *, need_param_grads=True):
+    """Kernel version of :func:`numres.functional.batchnorm.batchnorm_backward`: ``(dx, dweight, dbias)``;
+    both parameter gradients are None with ``need_param_grads=False`` (frozen parameters)."""
     if not isinstance(cache, KernelBatchNormCache):
         return generic.batchnorm_backward(dy, cache)
     rt = runtime_for(dy)
@@ -170,6 +171,6 @@ def batchnorm_backward(dy, cache):
               (dy_rows, cache.rows, rows, channels, cache.mean, cache.scale, cache.bias, int(cache.relu), shift,
                slope, dx))
     dx = _as_nchw(dx, cache.shape)
-    if not cache.affine:
+    if not cache.affine or not need_param_grads:
         return dx, None, None
     return dx, dweight, dbias

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 import numres.functional.conv as generic
 
 from .fallback import kernel_op
@@ -112,8 +114,16 @@ def _rows_of(y_nchw, xp):
     return nhwc.reshape(-1, y_nchw.shape[1])
 
 
-def _conv_usable(x, weight, *args, **kwargs):
-    return _has_images(x) and getattr(weight, "ndim", 0) == 4 and weight.size > 0
+def _plain_pair(value) -> bool:
+    """An int or a pair of ints (not "same"/"valid" or per-side padding: those go to the generic op)."""
+    def whole(item):
+        return isinstance(item, (int, np.integer)) and not isinstance(item, bool)
+    return whole(value) or (isinstance(value, (tuple, list)) and len(value) == 2 and all(map(whole, value)))
+
+
+def _conv_usable(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, **kwargs):
+    return (_has_images(x) and getattr(weight, "ndim", 0) == 4 and weight.size > 0
+            and all(_plain_pair(value) for value in (stride, padding, dilation)))
 
 
 @kernel_op(generic.conv2d_forward, usable=_conv_usable)
@@ -143,12 +153,13 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
 
 
 @kernel_op(generic.conv2d_backward, cache_type=KernelConvCache)
-def conv2d_backward(dy, cache, need_input_grad=True, need_weight_grad=True):
+def conv2d_backward(dy, cache, need_input_grad=True, *, need_weight_grad=True, need_bias_grad=None):
     """Kernel version of :func:`numres.functional.conv.conv2d_backward`: ``(dx, dweight, dbias)``.
 
     ``need_weight_grad=False`` (a frozen weight) skips the weight-gradient GEMM and returns
-    ``dweight`` None.
+    ``dweight`` None; ``need_bias_grad`` (default: as ``need_weight_grad``) likewise for ``dbias``.
     """
+    need_bias_grad = need_weight_grad if need_bias_grad is None else need_bias_grad
     xp = runtime_for(dy).xp
     groups = cache.groups
     out_channels, cg, kh, kw = cache.weight.shape
@@ -166,7 +177,7 @@ def conv2d_backward(dy, cache, need_input_grad=True, need_weight_grad=True):
             xp.matmul(cols.transpose(0, 2, 1), dy_groups, out=dweight.transpose(1, 0, 2))
         del cols                                                           # free the rebuilt patches early
         dweight = dweight.reshape(kh, kw, cg, out_channels).transpose(3, 2, 0, 1)
-    dbias = dy_rows.sum(axis=0) if cache.has_bias else None
+    dbias = dy_rows.sum(axis=0) if cache.has_bias and need_bias_grad else None
 
     dx = None
     if need_input_grad:

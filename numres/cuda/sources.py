@@ -89,10 +89,10 @@ KERNELS = {kernel.name: kernel for kernel in [
         "const T* dy, const T* x, int rows, int channels, const T* mean, const T* scale, const T* bias, "
         "int relu, const T* shift, const T* slope, T* dx")),
     Kernel("softmax_xent.cu", "softmax_xent_forward", _params(
-        "const T* logits, int rows, int classes, const long long* target, double smoothing, double* lse, "
-        "T* loss")),
+        "const T* logits, int rows, int classes, const long long* target, long long ignore_index, double smoothing, "
+        "double* lse, T* loss")),
     Kernel("softmax_xent.cu", "softmax_xent_backward", _params(
-        "const T* logits, const double* lse, const long long* target, int rows, int classes, "
+        "const T* logits, const double* lse, const long long* target, long long ignore_index, int rows, int classes, "
         "double smoothing, const T* dloss, double dloss_value, int dloss_mode, T* dlogits")),
     Kernel("activation.cu", "relu_forward_rows", _params("const T* x, int rows, int cols, T* y")),
     Kernel("activation.cu", "relu_backward_rows", _params("const T* dy, const T* y, int rows, int cols, T* dx")),

@@ -7,12 +7,13 @@
 //   loss_i = lse_i - (1 - eps) z_{i,t_i} - (eps / C) sum_c z_ic
 //
 // which is -(1 - eps) log p_{i,t_i} - (eps / C) sum_c log p_ic with log p = z - lse.
-// A target outside [0, C) makes loss_i NaN: a kernel cannot raise, and a NaN loss is seen.
+// A row whose target equals ignore_index (PyTorch's -100 by default) has loss 0 and gradient 0.
+// Any other target outside [0, C) makes loss_i NaN: a kernel cannot raise, and a NaN loss is seen.
 
 template <typename T>
 __device__ void softmax_xent_forward(const T* __restrict__ logits, int rows, int classes,
-                                     const long long* __restrict__ target, double smoothing,
-                                     double* __restrict__ lse, T* __restrict__ loss)
+                                     const long long* __restrict__ target, long long ignore_index,
+                                     double smoothing, double* __restrict__ lse, T* __restrict__ loss)
 {
     if (numres_col0() != 0) return;
     for (int i = numres_row0(); i < rows; i += numres_row_step()) {
@@ -30,17 +31,17 @@ __device__ void softmax_xent_forward(const T* __restrict__ logits, int rows, int
         const bool valid = t >= 0 && t < classes;
         const double picked = valid ? (double)z[t] : numres_inf() - numres_inf();    // NaN
         lse[i] = row_lse;
-        loss[i] = (T)(row_lse - (1.0 - smoothing) * picked - smoothing / classes * sum_z);
+        loss[i] = t == ignore_index ? (T)0 : (T)(row_lse - (1.0 - smoothing) * picked - smoothing / classes * sum_z);
     }
 }
 
 // dlogits[i, c] = (exp(z_ic - lse_i) - (1 - eps) [c = t_i] - eps / C) * s_i, where the upstream
-// gradient s_i is dloss_value (dloss_mode 0), dloss[0] * dloss_value (mode 1: a device scalar,
-// dloss_value holding 1/N for the mean) or dloss[i] (mode 2: reduction "none").
+// gradient s_i is dloss_value (dloss_mode 0), dloss[0] * dloss_value (mode 1: a device scalar)
+// or dloss[i] (mode 2: reduction "none"); 0 for a row whose target is ignore_index.
 template <typename T>
 __device__ void softmax_xent_backward(const T* __restrict__ logits, const double* __restrict__ lse,
-                                      const long long* __restrict__ target, int rows, int classes,
-                                      double smoothing, const T* __restrict__ dloss, double dloss_value,
+                                      const long long* __restrict__ target, long long ignore_index, int rows,
+                                      int classes, double smoothing, const T* __restrict__ dloss, double dloss_value,
                                       int dloss_mode, T* __restrict__ dlogits)
 {
     for (int i = numres_row0(); i < rows; i += numres_row_step()) {
@@ -53,7 +54,7 @@ __device__ void softmax_xent_backward(const T* __restrict__ logits, const double
             const long long at = (long long)i * classes + c;
             double p = exp((double)logits[at] - lse[i]) - smoothing / classes;
             if (c == t) p -= 1.0 - smoothing;
-            dlogits[at] = valid ? (T)(p * s) : (T)(numres_inf() - numres_inf());
+            dlogits[at] = t == ignore_index ? (T)0 : valid ? (T)(p * s) : (T)(numres_inf() - numres_inf());
         }
     }
 }
