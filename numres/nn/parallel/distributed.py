@@ -28,7 +28,10 @@ averaged.  ``ddp.events`` records the order: a ``start`` before ``backward_done`
 **Options.**  ``no_sync()`` skips the reduction (gradients accumulate locally; the next synchronised
 backward averages the accumulated sum).  Parameters with ``requires_grad=False`` are left out.
 ``broadcast_buffers=True`` (as in torch) copies rank 0's buffers (BatchNorm running statistics) to
-every rank before each training forward.
+every rank before each training forward.  A parameter that gets no gradient in some backward is
+always handled (it contributes zeros and receives the average), so ``find_unused_parameters`` is
+accepted for torch compatibility and changes nothing; ``device_ids`` and ``output_device`` are
+accepted and ignored (each process owns one device, chosen by :func:`numres.distributed.init`).
 """
 from __future__ import annotations
 
