@@ -38,6 +38,11 @@ def _is_default(value, default) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(function):
+    return inspect.signature(function)
+
+
 def split_arguments(generic_function, kernel_parameters, args, kwargs):
     """``(foreign, args, kwargs)`` for one call.
 
@@ -48,7 +53,7 @@ def split_arguments(generic_function, kernel_parameters, args, kwargs):
     """
     if len(args) <= len(kernel_parameters) and all(name in kernel_parameters for name in kwargs):
         return {}, args, kwargs
-    signature = inspect.signature(generic_function)
+    signature = _signature(generic_function)
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError:
