@@ -265,6 +265,13 @@ def test_maxunpool_inverts_pytorchs_pool(kwargs):
         finite_difference_check(lambda v: unpool.forward(v, indices, output_size), pooled.copy(), dy, dx)
 
 
+def _unpool_grad(y_t, indices_t, dz):
+    """torch's gradient of MaxUnpool2d(2) with respect to its input."""
+    y_t = y_t.detach().clone().requires_grad_()
+    torch.nn.MaxUnpool2d(2)(y_t, indices_t).backward(to_torch(dz))
+    return y_t.grad.numpy()
+
+
 class _WithIndices(torch.nn.Module):
     """torch's MaxUnpool2d with fixed indices, so it can be called like a one-input layer."""
 
@@ -394,6 +401,11 @@ def test_unbatched_maxpool_indices_and_unpool():
     np.testing.assert_array_equal(indices, i_t.numpy())
     check_against_torch(lambda d: nr.nn.MaxUnpool2d(2, dtype=d), _WithIndices(torch.nn.MaxUnpool2d(2), i_t, (7, 6)),
                         y_t.numpy(), extra_inputs=(indices,), forward_kwargs=dict(output_size=(7, 6)))
+    unpool = nr.nn.MaxUnpool2d(2, dtype="float64")
+    z_t = torch.nn.MaxUnpool2d(2)(y_t, indices=i_t)
+    np.testing.assert_array_equal(unpool(y, indices=indices), z_t.numpy())    # indices by keyword
+    dz = rand(*z_t.shape, seed=33)
+    np.testing.assert_array_equal(unpool.backward(dz), _unpool_grad(y_t, i_t, dz))
 
 
 # --- 6. a frozen conv weight skips its weight-gradient GEMM -------------------------------------------------

@@ -72,6 +72,8 @@ class MaxUnpool2d(Module):
         if not isinstance(indices, self.xp.ndarray):
             raise TypeError(f"MaxUnpool2d is on backend {self.backend!r} and expects indices as a "
                             f"{self.xp.ndarray.__module__}.ndarray, got {type(indices).__name__}")
+        if self.__dict__.get("_unbatched") and indices.ndim == 3:
+            indices = indices[None]      # unbatched indices given by keyword (__call__ batches positional ones)
         y, cache = self.ops.maxunpool2d_forward(x, indices, self.kernel_size, self.stride, self.padding,
                                                 output_size)
         self.save_for_backward(cache)
