@@ -3,9 +3,9 @@
     python3 benchmarks/gpu_resnet50.py --quick --time-budget 180      # what scripts/gpu_check.sh runs
     python3 benchmarks/gpu_resnet50.py --batch-sizes 64 --precisions fp32 --modes train --iters 20
 
-Settings, most important first: for each batch size (default 64, then 256), each precision
-(``fp32``: full float32 everywhere; ``tf32``: TF32 tensor cores allowed in float32 GEMMs and
-convolutions, on both sides) and each mode (``train``: forward, cross-entropy, backward, SGD step
+Settings, most important first: for each precision (``fp32``: full float32 everywhere, then
+``tf32``: TF32 tensor cores allowed in float32 GEMMs and convolutions, on both sides), each batch
+size (default 64, then 256) and each mode (``train``: forward, cross-entropy, backward, SGD step
 with momentum and weight decay; ``inference``: eval-mode forward, nothing kept for backward), it
 times numres (CuPy backend, its CUDA kernels, channels-last activations) and PyTorch in eager mode
 with cuDNN (``cudnn.benchmark`` on), once with NCHW and once with channels_last memory; all at
@@ -267,8 +267,9 @@ def bench_torch(mode, batch, layout, args, deadline):
 
 
 def plan(args):
-    """``(batch, precision, mode)`` in the order they run: small batch first, fp32 before tf32."""
-    return [(batch, precision, mode) for batch in args.batch_sizes for precision in args.precisions
+    """``(batch, precision, mode)`` in the order they run, most important first: every fp32 setting
+    (the issue's targets compare like with like) before any TF32 one, the smaller batch first."""
+    return [(batch, precision, mode) for precision in args.precisions for batch in args.batch_sizes
             for mode in args.modes]
 
 

@@ -14,7 +14,9 @@ cross_entropy_forward/backward                  :mod:`numres.cuda.loss` (label s
 relu_forward/backward, add_relu_forward, add    :mod:`numres.cuda.activation`
 =============================================  ===============================================
 
-It is called by :mod:`numres.backend` when CuPy loads.  ``NUMRES_CUDA_KERNELS=0`` in the
+Every kernel is wrapped by :func:`numres.cuda.fallback.kernel_op`: a call with an argument or an
+input the kernel does not handle (a keyword it lacks, an empty batch, ...) runs the generic op.
+:func:`register_kernels` is called by :mod:`numres.backend` when CuPy loads.  ``NUMRES_CUDA_KERNELS=0`` in the
 environment leaves every op generic (for comparisons and debugging).
 
 TF32.  On Ampere and newer GPUs cuBLAS can round float32 GEMM inputs to TF32 (10-bit
