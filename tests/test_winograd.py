@@ -343,6 +343,10 @@ def test_bad_input_is_named(rng, restore_algorithm):
         winograd_conv2d_forward(x, rng.standard_normal((2, 4, 3, 3)))
     with pytest.raises(ValueError, match="padding 0, 1 or 2"):
         winograd_conv2d_forward(x, rng.standard_normal((2, 3, 3, 3)), padding=3)
+    with pytest.raises(TypeError, match="must share one dtype"):
+        winograd_conv2d_forward(x.astype(np.float32), rng.standard_normal((2, 3, 3, 3)))
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        winograd_conv2d_forward(rng.standard_normal((1, 3, 1, 2)), rng.standard_normal((2, 3, 3, 3)), padding=0)
 
 
 # --- the CuPy code path, on the guard backend -----------------------------------------------------------

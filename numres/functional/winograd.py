@@ -472,6 +472,9 @@ def winograd_conv2d_forward(x, weight, bias=None, stride=1, padding=1, dilation=
     """
     transforms = transforms_for(tile)
     check_winograd_shape(x.shape, weight.shape, stride, padding, dilation, groups)
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"input, weight and bias must share one dtype, got {x.dtype}, {weight.dtype} and "
+                        f"{None if bias is None else bias.dtype}")
     padding = pair(padding)
     u = transform_weight(weight.transpose(2, 3, 1, 0), transforms)
     y = winograd_convolve(channels_last(x), u, padding, transforms)
