@@ -19,9 +19,9 @@ Whole layer.  Summing over input channels ``c`` commutes with ``A^T ... A``, so 
 
 Backward.  With ``dY`` the output gradient of one tile:
 
-* input gradient: a 3x3 stride-1 convolution is its own kind of adjoint.  ``dx`` is ``dy``
-  padded by ``2 - padding`` and convolved with the kernel flipped in both spatial axes and
-  with its two channel axes swapped, which is again a Winograd forward;
+* input gradient: the adjoint of a 3x3 stride-1 correlation is again one.  ``dx`` is ``dy``
+  padded by ``2 - padding`` and correlated with the kernel turned by 180 degrees, its two
+  channel axes swapped, which is again a Winograd forward;
 * weight gradient: ``y`` is linear in ``U``, and the transpose of each step gives::
 
       dM[xi,nu] = (A dY A^T)[xi,nu]                   (T, O)    dy's tiles transformed with A
@@ -114,6 +114,7 @@ def transposed(matrix):
 
 
 def transforms_for(tile):
+    """The :class:`WinogradTransforms` of F(tile x tile, 3x3); a clear error for a size we lack."""
     if tile not in TRANSFORMS:
         raise ValueError(f"Winograd output tile must be one of {sorted(TRANSFORMS)} (F(2x2,3x3) or "
                          f"F(4x4,3x3)), got {tile!r}")
