@@ -243,6 +243,7 @@ def test_algorithms_agree(tile, padding, rng, restore_algorithm):
         nr.functional.set_conv_algorithm(algorithm, winograd_tile=tile)
         y, cache = algorithms.conv2d_forward(x, weight, bias, 1, padding)
         assert isinstance(cache, W.WinogradCache) == (algorithm == "winograd")
+        assert algorithms.algorithm_of(cache) == algorithm
         dy = np.random.default_rng(5).standard_normal(y.shape)
         results[algorithm] = (y,) + algorithms.conv2d_backward(dy, cache)
     for ours, ref in zip(results["winograd"], results["im2col"]):

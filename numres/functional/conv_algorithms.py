@@ -217,6 +217,12 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     return forward(x, weight, bias, stride, padding, dilation, groups, **options)
 
 
+def algorithm_of(cache) -> str:
+    """``"winograd"`` or ``"im2col"``: the algorithm whose forward made ``cache`` (a Conv2d's
+    ``saved_cache()`` after a forward pass, say; a benchmark names each layer's algorithm so)."""
+    return "winograd" if isinstance(cache, WinogradCache) else "im2col"
+
+
 def conv2d_backward(dy, cache, need_input_grad=True, *, ops=None, **options):
     """Gradients ``(dx, dweight, dbias)`` by the algorithm that computed the forward pass."""
     if isinstance(cache, WinogradCache):
