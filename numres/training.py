@@ -56,8 +56,9 @@ import numpy as np
 from . import backend as B
 from . import distributed as dist
 from . import init
-from .data import AUGMENTATION, DataLoader, load_dataset
+from .data import AUGMENTATION, DataLoader, ImageLoader, folder_datasets, load_dataset
 from .data.sampler import RankBatches, local_part
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .io import atomic_write, load, save
 from .models.cifar import CIFAR_MODELS
 from .nn import CrossEntropyLoss, no_grad
@@ -101,6 +102,13 @@ class TrainConfig:
     augment: bool = True
     subset: int | None = None               # use only the first N train and test images (quick checks)
     eval_batch_size: int = 256
+    # --dataset folder: your own images (root/<class>/<image>), optionally fine-tuning given weights
+    val_dir: str | None = None              # the validation folder; else a seeded split of data_dir
+    val_fraction: float = 0.2
+    image_size: int = 224                   # the crop the model sees
+    workers: int = 0                        # loader processes decoding and augmenting
+    weights: str | None = None              # a torchvision .pth or numres weights/checkpoint to start from
+    freeze_backbone: bool = False           # train only the new fc
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -121,6 +129,9 @@ class TrainConfig:
                              f"for {self.epochs} epochs")
         if self.subset is not None and self.subset < 1:
             raise ValueError(f"subset must be positive, got {self.subset}")
+        if self.image_size < 1 or self.workers < 0 or not 0 < self.val_fraction < 1:
+            raise ValueError(f"image_size must be >= 1, workers >= 0 and val_fraction in (0, 1); got "
+                             f"{self.image_size}, {self.workers}, {self.val_fraction}")
         if self.milestones is not None:
             self.milestones = sorted(int(m) for m in self.milestones)
             if any(m < 1 for m in self.milestones):
@@ -152,6 +163,19 @@ def build_model(name, num_classes, in_channels, backend="numpy", dtype="float32"
     if name in resnet.__all__ and name[0].islower():
         return getattr(resnet, name)(num_classes=num_classes, backend=backend, dtype=dtype), 3
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+
+
+def load_backbone(model, path):
+    """Load weights (a torchvision .pth, numres weights or a training checkpoint) into ``model``, except a
+    classifier ``fc`` of another size, which keeps its fresh initialisation (fine-tuning to new classes)."""
+    from .io import load_weights
+    path = checkpoint_file(path) if os.path.isdir(path) else path        # a run folder: its checkpoint
+    state = dict(load_weights(path))
+    for key in ("fc.weight", "fc.bias"):
+        current = dict(model.named_parameters()).get(key)
+        if key in state and current is not None and tuple(np.shape(state[key])) != tuple(current.data.shape):
+            state[key] = current.data
+    model.load_state_dict(state)
 
 
 def build_schedule(optimizer, config: TrainConfig):
@@ -253,19 +277,23 @@ class Trainer:
         self.curves_written = False     # curves.png needs matplotlib
         self.resume_notes = []          # what changed when a run was resumed with other settings
 
-        train, test = (load_dataset(config.dataset, split, config.data_dir) for split in ("train", "test"))
-        if config.subset:
-            train, test = train.subset(config.subset), test.subset(config.subset)
-        self.classes = list(train.classes)
-        self.mean, self.std = train.channel_stats()
-        init.manual_seed(config.seed)
-        self.model, channels = build_model(config.model, len(self.classes), train.channels, config.backend,
-                                           config.dtype)
-        augment = AUGMENTATION[config.dataset] if config.augment else {}
-        common = dict(mean=self.mean, std=self.std, channels=channels, backend=config.backend, dtype=config.dtype)
-        self.train_loader = DataLoader(train, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
-                                       **augment, **common)
-        self.test_loader = DataLoader(test, config.eval_batch_size, **common)
+        if config.dataset == "folder":
+            self._build_folder_run(config)
+        else:
+            train, test = (load_dataset(config.dataset, split, config.data_dir) for split in ("train", "test"))
+            if config.subset:
+                train, test = train.subset(config.subset), test.subset(config.subset)
+            self.classes = list(train.classes)
+            self.mean, self.std = train.channel_stats()
+            init.manual_seed(config.seed)
+            self.model, channels = build_model(config.model, len(self.classes), train.channels, config.backend,
+                                               config.dtype)
+            augment = AUGMENTATION[config.dataset] if config.augment else {}
+            common = dict(mean=self.mean, std=self.std, channels=channels, backend=config.backend,
+                          dtype=config.dtype)
+            self.train_loader = DataLoader(train, config.batch_size, shuffle=True, seed=config.seed,
+                                           drop_last=True, **augment, **common)
+            self.test_loader = DataLoader(test, config.eval_batch_size, **common)
         self.criterion = CrossEntropyLoss(label_smoothing=config.label_smoothing, backend=config.backend,
                                           dtype=config.dtype)
         self.optimizer = SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -274,6 +302,29 @@ class Trainer:
         self._skip_input_grad = "need_input_grad" in inspect.signature(self.model.backward).parameters
         # one process: the model itself; many: its DDP wrapper (checkpoints keep the model's own names)
         self.parallel_model = DistributedDataParallel(self.model) if self.world_size > 1 else self.model
+
+    def _build_folder_run(self, config):
+        """``--dataset folder``: ImageFolders, worker loaders, ImageNet statistics, optional weights and freezing."""
+        train, test = folder_datasets(config.data_dir, config.val_dir, config.val_fraction, config.seed,
+                                      config.image_size, config.augment)
+        if config.subset:
+            train, test = (part.subset(range(min(config.subset, len(part)))) for part in (train, test))
+        self.classes = list(train.classes)
+        self.mean, self.std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+        self.input_shape = [3, config.image_size, config.image_size]
+        init.manual_seed(config.seed)
+        self.model, _ = build_model(config.model, len(self.classes), 3, config.backend, config.dtype)
+        if config.weights:
+            load_backbone(self.model, config.weights)
+        if config.freeze_backbone:
+            if not hasattr(self.model, "fc"):
+                raise ValueError(f"--freeze-backbone trains only the final fc layer, which {config.model} lacks")
+            self.model.requires_grad_(False)
+            self.model.fc.requires_grad_(True)
+        common = dict(num_workers=config.workers, backend=config.backend, dtype=config.dtype)
+        self.train_loader = ImageLoader(train, config.batch_size, shuffle=True, seed=config.seed,
+                                        drop_last=len(train) >= config.batch_size, **common)
+        self.test_loader = ImageLoader(test, config.eval_batch_size, **common)
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -296,6 +347,7 @@ class Trainer:
             "init_rng": init.get_rng_state(),
             "classes": self.classes, "mean": self.mean, "std": self.std,
             "history": self.history,
+            **({"input_shape": self.input_shape} if hasattr(self, "input_shape") else {}),
         }
 
     def written_files(self) -> list:
@@ -393,6 +445,10 @@ class Trainer:
     def _train_epoch(self, on_step) -> bool:
         """Run the rest of the current epoch; False if it was interrupted."""
         self.model.train()
+        if self.config.freeze_backbone:     # a frozen backbone keeps its BatchNorm statistics too (eval mode)
+            for module in self.model.modules():
+                if module is not self.model.fc and type(module).__name__.startswith("BatchNorm"):
+                    module.eval()
         loader = self.train_loader
         self._epoch_rng = loader.get_rng_state()
         number = self.epoch + 1
@@ -556,14 +612,25 @@ def evaluate_checkpoint(path, split="test", data_dir=None, backend=None, batch_s
     check_checkpoint(state, path)
     config = state["config"]
     backend = backend or config["backend"]
-    dataset = load_dataset(config["dataset"], split, data_dir or config["data_dir"])
-    if config.get("subset"):
-        dataset = dataset.subset(config["subset"])
     classes = list(state["classes"])
-    model, channels = build_model(config["model"], len(classes), dataset.channels, backend, config["dtype"])
+    if config["dataset"] == "folder":      # the run's split, with the evaluation transform on both parts
+        train, test = folder_datasets(data_dir or config["data_dir"], config.get("val_dir"),
+                                      config.get("val_fraction", 0.2), config["seed"], config["image_size"],
+                                      augment=False)
+        dataset = test if split == "test" else train
+        if config.get("subset"):
+            dataset = dataset.subset(range(min(config["subset"], len(dataset))))
+        model, _ = build_model(config["model"], len(classes), 3, backend, config["dtype"])
+        loader = ImageLoader(dataset, batch_size, num_workers=config.get("workers", 0), backend=backend,
+                             dtype=config["dtype"])
+    else:
+        dataset = load_dataset(config["dataset"], split, data_dir or config["data_dir"])
+        if config.get("subset"):
+            dataset = dataset.subset(config["subset"])
+        model, channels = build_model(config["model"], len(classes), dataset.channels, backend, config["dtype"])
+        loader = DataLoader(dataset, batch_size, mean=state["mean"], std=state["std"], channels=channels,
+                            backend=backend, dtype=config["dtype"])
     model.load_state_dict(state["model"])
-    loader = DataLoader(dataset, batch_size, mean=state["mean"], std=state["std"], channels=channels,
-                        backend=backend, dtype=config["dtype"])
     result = evaluate_model(model, loader, len(classes))
     result.update(classes=classes, count=len(dataset), path=path, epoch=int(state["epoch"]),
                   step_in_epoch=int(state["step_in_epoch"]), model=config["model"], dataset=config["dataset"])

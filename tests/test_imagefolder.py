@@ -122,3 +122,21 @@ def test_shapes_folder_is_learnable_by_colour(tmp_path):
         dominant = [np.mean(pixels[c] - np.delete(pixels, c, axis=0).max(axis=0) > 100) for c in range(3)]
         expected = channel[dataset.classes[target]]
         assert dominant[expected] > 0.05 and max(np.delete(dominant, expected)) < 0.01, dominant
+
+
+def test_seeded_split_keeps_a_share_of_every_class(tmp_path):
+    make_shapes_folder(tmp_path, per_class=10, size=(16, 12))
+    (tmp_path / "single").mkdir()
+    write(str(tmp_path / "single" / "only.png"))
+    dataset = ImageFolder(tmp_path)
+    train, validation = dataset.split(0.3, seed=4)
+    assert sorted(train + validation) == list(range(len(dataset))) and not set(train) & set(validation)
+    counts = np.bincount(dataset.targets[validation], minlength=4)
+    assert counts.tolist() == [3, 3, 3, 0]                # round(0.3 * 10) per class; a 1-file class stays in train
+    assert dataset.split(0.3, seed=4) == (train, validation) and dataset.split(0.3, seed=5) != (train, validation)
+    part = dataset.subset(validation, transform=T.ToArray())
+    assert len(part) == 9 and part.classes == dataset.classes and part.transform is not dataset.transform
+    assert [path for path, _ in part.samples] == [dataset.samples[i][0] for i in validation]
+    assert part.targets.tolist() == dataset.targets[validation].tolist() and part[0][0].shape == (3, 12, 16)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        dataset.split(1.0)

@@ -42,6 +42,38 @@ def load_dataset(name: str, split: str = "train", data_dir=None) -> ImageDataset
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
+def eval_resize(image_size: int) -> int:
+    """The shorter side before the central crop: torchvision's 256 for a 224 crop, in proportion otherwise."""
+    return int(round(image_size * 256 / 224))
+
+
+def folder_datasets(data_dir, val_dir=None, val_fraction=0.2, seed=0, image_size=224, augment=True):
+    """``(train, validation)`` :class:`ImageFolder` s of ``numres train --dataset folder``.
+
+    The validation images come from ``val_dir`` (its classes must be the same), or else
+    from a seeded split of ``data_dir`` keeping ``val_fraction`` of every class apart
+    (:meth:`ImageFolder.split`).  The train images get the reference recipe's training
+    transform at ``image_size`` (only resize + centre crop with ``augment=False``), the
+    validation images its evaluation transform; both normalise with ImageNet's statistics.
+    """
+    if data_dir is None:
+        raise ValueError("--dataset folder needs --data-dir: a folder with one sub-folder of images per class")
+    train_transform = (transforms.train_transform(image_size) if augment else
+                       transforms.eval_transform(eval_resize(image_size), image_size))
+    eval_transform = transforms.eval_transform(eval_resize(image_size), image_size)
+    everything = ImageFolder(data_dir)
+    if val_dir is not None:
+        validation = ImageFolder(val_dir, transform=eval_transform)
+        if validation.classes != everything.classes:
+            raise ValueError(f"the classes of {val_dir} ({', '.join(validation.classes)}) differ from those of "
+                             f"{data_dir} ({', '.join(everything.classes)})")
+        return everything.subset(range(len(everything)), train_transform), validation
+    train_indices, val_indices = everything.split(val_fraction, seed)
+    return everything.subset(train_indices, train_transform), everything.subset(val_indices, eval_transform)
+
+
 __all__ = ["DATASETS", "AUGMENTATION", "load_dataset", "load_digits", "load_cifar10", "CifarFormatError",
            "DataLoader", "ImageDataset", "DistributedSampler",
-           "DistributedEvalSampler", "shard", "RankBatches", "local_part"]
+           "DistributedEvalSampler", "shard", "RankBatches", "local_part",
+           "transforms", "ImageFolder", "BadImageError", "IMG_EXTENSIONS", "make_shapes_folder", "folder_datasets",
+           "eval_resize", "ImageLoader", "WorkerDiedError", "LoaderWorkerError"]

@@ -22,6 +22,7 @@ drops it from its batch) and counted in :attr:`ImageFolder.bad_files`.
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -172,6 +173,35 @@ class ImageFolder:
             except (BadImageError, OSError, SyntaxError, ValueError):
                 bad.append(path)
         return bad
+
+    def subset(self, indices, transform=None) -> "ImageFolder":
+        """The samples ``indices`` (in that order) as an ImageFolder of the same classes, with ``transform``."""
+        indices = [int(i) for i in indices]
+        part = copy.copy(self)
+        part.samples = [self.samples[i] for i in indices]
+        part.targets = self.targets[np.asarray(indices, dtype=np.int64)] if indices else self.targets[:0]
+        part.transform = self.transform if transform is None else transform
+        part.bad_files = []
+        return part
+
+    def split(self, fraction, seed=0) -> tuple:
+        """``(train indices, validation indices)``: a seeded split keeping ``fraction`` of every class apart.
+
+        Each class's files are permuted by ``default_rng(seed)`` (drawn class by class, in class
+        order) and its first ``round(fraction * count)`` go to validation, at least one when the
+        class has two files or more; both lists are in the folder's order.
+        """
+        if not 0 < fraction < 1:
+            raise ValueError(f"the validation fraction must be between 0 and 1, got {fraction}")
+        rng = np.random.default_rng(seed)
+        validation = []
+        for target in range(len(self.classes)):
+            members = np.flatnonzero(self.targets == target)
+            count = len(members)
+            take = min(max(int(round(fraction * count)), 1 if count >= 2 else 0), max(count - 1, 0))
+            validation.extend(rng.permutation(members)[:take].tolist())
+        chosen = set(validation)
+        return [i for i in range(len(self)) if i not in chosen], sorted(validation)
 
     def __repr__(self):
         return (f"ImageFolder(root={self.root!r}, {len(self)} images, {len(self.classes)} classes, "
