@@ -52,6 +52,22 @@ def is_grad_enabled() -> bool:
     return _grad_enabled
 
 
+_parameter_version = 0       # bumped whenever parameters or buffers may have changed (see parameters_changed)
+
+
+def parameters_changed() -> None:
+    """Note that parameters or buffers may have new values.  ``train()``/``eval()``, ``load_state_dict``,
+    ``to()`` and every optimizer ``step()`` call it; anything derived from parameter values and kept
+    (the folded BatchNorm weights of :mod:`numres.nn.fusion`) is remade when the count has moved."""
+    global _parameter_version
+    _parameter_version += 1
+
+
+def parameter_version() -> int:
+    """How many times :func:`parameters_changed` has been called."""
+    return _parameter_version
+
+
 class Parameter:
     """A learnable array (``data``) and the gradient accumulated into it (``grad``, None until backward).
 
@@ -186,8 +202,8 @@ def _to_arguments(args, backend, device, dtype):
             backend = arg
             continue
         if isinstance(arg, str) and not _names_a_dtype(arg):
-            raise ValueError(f"Module.to() got {arg!r}, which is neither a backend ('numpy', 'cupy', or the "
-                             f"device names 'cpu', 'cuda') nor a dtype ('float32', 'float64')")
+            raise ValueError(f"Module.to(): unknown backend {arg!r}, and not a dtype either; give a backend "
+                             f"('numpy', 'cupy', or the device names 'cpu', 'cuda') or a dtype ('float32', 'float64')")
         if dtype is not None:
             raise TypeError(f"Module.to() got two dtypes, {dtype!r} and {arg!r}")
         dtype = arg
@@ -470,6 +486,7 @@ class Module:
     def train(self, mode: bool = True):
         for module in self.modules():
             module.__dict__["training"] = bool(mode)
+        parameters_changed()            # eval() refolds BatchNorm (numres.nn.fusion) after hand-made changes
         return self
 
     def eval(self):
@@ -531,6 +548,7 @@ class Module:
             module.__dict__["dtype"] = target_dtype
             module.__dict__["_cache"] = None
             module.__dict__["_cache_freed"] = False
+        parameters_changed()
         return self
 
     def cpu(self):
@@ -609,6 +627,7 @@ class Module:
         for key in untracked:
             module, name = targets[key]
             module._buffers[name][...] = 0
+        parameters_changed()
         return IncompatibleKeys(missing, unexpected)
 
     # --- printing -------------------------------------------------------------------------------
