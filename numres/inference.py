@@ -83,9 +83,20 @@ def _from_training_checkpoint(path, model_name, backend) -> Classifier:
             x = np.broadcast_to(x, (channels,) + x.shape[1:])
         return np.ascontiguousarray(x, dtype=model.dtype)
 
+    if config["dataset"] == "folder":       # the run's own evaluation transform: resize, central crop, normalise
+        from .data import eval_resize, transforms
+        folder_transform = transforms.eval_transform(eval_resize(shape[2]), shape[2], mean, std)
+
+        def preprocess(image_path):         # noqa: F811  (folder runs see what their validation images saw)
+            with imagenet._pillow().open(image_path) as image:
+                return folder_transform(image.convert("RGB")).astype(model.dtype)
+
     described = (f"{config['model']} trained on {config['dataset']} for {_epochs(int(state['epoch']))} "
                  f"({path}); images resized to {shape[2]}x{shape[1]}"
                  f"{', grey' if shape[0] == 1 else ''}")
+    if config["dataset"] == "folder":
+        described = described.replace("resized to", f"resized (shorter side {eval_resize(shape[2])}) and "
+                                                    f"centre-cropped to")
     return Classifier(model, classes, preprocess, described)
 
 

@@ -9,11 +9,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import numres as nr
 from numres.commands import main
 from numres.data import ImageFolder, ImageLoader, make_shapes_folder
 from numres.data import transforms as T
+from numres.inference import load_classifier
 
 SIZE = 32           # the crop the model sees: small, so that the test stays quick on two cores
 
@@ -85,6 +87,12 @@ def test_fine_tune_a_frozen_resnet18_on_a_generated_folder_then_evaluate_and_pre
     images = [str(data / "green_square" / "0001.png"), str(data / "red_circle" / "0000.jpg")]
     assert main(["predict", *images, "--weights", str(out), "--top", "3"]) == 0
     predicted = capsys.readouterr().out
+    assert f"resized (shorter side {T_RESIZE}) and centre-cropped to {SIZE}x{SIZE}" in predicted
+    # predict sees an image exactly as the run's validation did
+    classifier = load_classifier(str(out))
+    evaluation = T.eval_transform(T_RESIZE, SIZE)
+    with Image.open(images[1]) as image:
+        assert np.array_equal(classifier.preprocess(images[1]), evaluation(image.convert("RGB")))
     for image in images:
         block = predicted.split(image + ":")[1].splitlines()[1:4]
         names = [re.search(r"%\s+(\S+) \(\d\)", line).group(1) for line in block]
