@@ -106,6 +106,7 @@ def test_training_a_network_matches_torch(name, variant, dtype):
     ours, _ = twin_nets(dtype, seed=21)
     _, truth = twin_nets("float64", seed=21)
     _, torch_same = twin_nets(dtype, seed=21)
+    torch_same.to(TORCH_DTYPE[dtype])           # torch in the same dtype, only to size its own error
     opt_ours = ours_cls(ours.parameters(), **VARIANTS[variant])
     opt_truth = torch_cls(truth.parameters(), foreach=False, **VARIANTS[variant])
     opt_same = torch_cls(torch_same.parameters(), foreach=False, **VARIANTS[variant])
