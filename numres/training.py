@@ -63,12 +63,14 @@ from .io import atomic_write, load, save
 from .models.cifar import CIFAR_MODELS
 from .nn import CrossEntropyLoss, no_grad
 from .nn.parallel import DistributedDataParallel
-from .optim import SGD
+from .optim import SGD, Adam, AdamW
 from .optim.lr_scheduler import CosineAnnealingLR, MultiStepLR, linear_warmup
 
 CHECKPOINT_NAME = "checkpoint.npz"
 CHECKPOINT_FORMAT = "numres-train"
 SCHEDULES = ("multistep", "cosine")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
                  "images_per_second")
 
@@ -86,15 +88,16 @@ class TrainConfig:
     data_dir: str | None = None
     epochs: int = 30
     batch_size: int = 32
-    lr: float = 0.1
+    optimizer: str = "sgd"
+    lr: float | None = None                 # default: 0.1 for SGD, 0.001 for Adam and AdamW
     schedule: str = "cosine"
     milestones: list | None = None          # multistep: default at 50% and 75% of the epochs (the paper's)
     gamma: float = 0.1
     warmup_epochs: int = 0
     warmup_start_factor: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
+    momentum: float = 0.9                   # SGD only
+    weight_decay: float = 5e-4              # L2 for SGD and Adam, decoupled for AdamW
+    nesterov: bool = False                  # SGD only
     label_smoothing: float = 0.0
     seed: int = 0
     backend: str = "numpy"
@@ -111,6 +114,10 @@ class TrainConfig:
     freeze_backbone: bool = False           # train only the new fc
 
     def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.optimizer]
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -176,6 +183,15 @@ def load_backbone(model, path):
         if key in state and current is not None and tuple(np.shape(state[key])) != tuple(current.data.shape):
             state[key] = current.data
     model.load_state_dict(state)
+
+
+def build_optimizer(parameters, config: TrainConfig):
+    """SGD (momentum, nesterov) or Adam / AdamW (default betas and eps), with the run's lr and weight decay."""
+    if config.optimizer == "sgd":
+        return SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                   nesterov=config.nesterov)
+    optimizer_class = Adam if config.optimizer == "adam" else AdamW
+    return optimizer_class(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def build_schedule(optimizer, config: TrainConfig):
@@ -296,8 +312,7 @@ class Trainer:
             self.test_loader = DataLoader(test, config.eval_batch_size, **common)
         self.criterion = CrossEntropyLoss(label_smoothing=config.label_smoothing, backend=config.backend,
                                           dtype=config.dtype)
-        self.optimizer = SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                             weight_decay=config.weight_decay, nesterov=config.nesterov)
+        self.optimizer = build_optimizer(self.model.parameters(), config)
         self.scheduler = build_schedule(self.optimizer, config)
         self._skip_input_grad = "need_input_grad" in inspect.signature(self.model.backward).parameters
         # one process: the model itself; many: its DDP wrapper (checkpoints keep the model's own names)

@@ -192,3 +192,27 @@ def test_a_run_that_fails_at_once_leaves_no_empty_folder(tmp_path, capsys):
     assert main(["train", *TINY, "--epochs", "1", "--lr", "1e300", "--out", str(out)]) == 1
     assert "non-finite loss" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_optimizer_option_trains_and_resumes_bit_exactly(optimizer, tmp_path, capsys):
+    """--optimizer adam|adamw: the run uses torch.optim's update (numres.optim.Adam/AdamW, tested against torch
+    in test_adam.py), its lr default is 1e-3, and a resumed run ends bit-identical to a straight one."""
+    # a multistep schedule is the same whether the run is planned for 2 or 3 epochs, so the runs can agree
+    options = ["--optimizer", optimizer, "--weight-decay", "0.01", "--seed", "3", "--schedule", "multistep",
+               "--milestones", "2"]
+    assert main(["train", *TINY, "--epochs", "3", "--out", str(tmp_path / "straight"), *options]) == 0
+    out = capsys.readouterr().out
+    assert f"{optimizer} lr 0.001 (multistep)" in out
+    checkpoint = nr.load(tmp_path / "straight" / "checkpoint.npz")
+    assert checkpoint["config"]["optimizer"] == optimizer
+    assert all("exp_avg" in state for state in checkpoint["optimizer"]["state"].values())
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(tmp_path / "resumed"), *options]) == 0
+    assert main(["train", "--resume", str(tmp_path / "resumed"), "--epochs", "3", "--no-progress"]) == 0
+    straight = checkpoint["model"]
+    resumed = nr.load(tmp_path / "resumed" / "checkpoint.npz")["model"]
+    assert all(np.array_equal(straight[key], resumed[key]) for key in straight)
+
+
+def test_optimizer_option_refuses_sgd_only_settings(capsys):
+    fails_cleanly(capsys, ["train", "--optimizer", "adam", "--momentum", "0.5"], "--momentum", "SGD")

@@ -19,7 +19,8 @@ import os
 import subprocess
 import sys
 
-from ..training import SCHEDULES, NonFiniteLossError, Trainer, TrainConfig, checkpoint_file, model_names
+from ..training import (DEFAULT_LR, OPTIMIZERS, SCHEDULES, NonFiniteLossError, Trainer, TrainConfig, checkpoint_file,
+                        model_names)
 from . import UsageError
 
 DEFAULTS = TrainConfig()
@@ -50,15 +51,18 @@ def add_arguments(parser):
     run.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                      help="turn off random crops/flips")
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--lr", type=float, help=f"initial learning rate (default: {d.lr})")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default: {d.optimizer}")
+    opt.add_argument("--lr", type=float, help="initial learning rate (default: "
+                                              + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items()) + ")")
     opt.add_argument("--schedule", choices=SCHEDULES, help=f"lr schedule, stepped per epoch (default: {d.schedule})")
     opt.add_argument("--milestones", type=int, nargs="+",
                      help="multistep: epochs at which lr is multiplied by --gamma (default: 50%% and 75%% of epochs)")
     opt.add_argument("--gamma", type=float, help=f"multistep factor (default: {d.gamma})")
     opt.add_argument("--warmup-epochs", type=int, help="linear warm-up from lr/10 over this many epochs (default: 0)")
-    opt.add_argument("--momentum", type=float, help=f"default: {d.momentum}")
-    opt.add_argument("--weight-decay", type=float, help=f"default: {d.weight_decay}")
-    opt.add_argument("--nesterov", action="store_const", const=True, help="Nesterov momentum")
+    opt.add_argument("--momentum", type=float, help=f"SGD's momentum (default: {d.momentum})")
+    opt.add_argument("--weight-decay", type=float, help=f"L2 for sgd and adam, decoupled for adamw "
+                                                        f"(default: {d.weight_decay})")
+    opt.add_argument("--nesterov", action="store_const", const=True, help="SGD with Nesterov momentum")
     opt.add_argument("--label-smoothing", type=float, help=f"default: {d.label_smoothing}")
     where = parser.add_argument_group("where and how")
     where.add_argument("--seed", type=int, help=f"seeds initialisation, shuffling and augmentation (default: {d.seed})")
@@ -98,6 +102,8 @@ def _trainer(args) -> Trainer:
         for change in trainer.resume_notes:
             print(f"note: {change}", flush=True)
         return trainer
+    if given.get("optimizer", "sgd") != "sgd" and ("momentum" in given or "nesterov" in given):
+        raise UsageError(f"--momentum and --nesterov belong to SGD; {given['optimizer']} uses its default betas")
     config = TrainConfig(**given)
     out = args.out or os.path.join("runs", f"{config.dataset}-{config.model}")
     if os.path.exists(os.path.join(out, "checkpoint.npz")):
@@ -209,7 +215,7 @@ def _run(args) -> int:
     count = sum(p.size for p in trainer.model.parameters())
     print(f"{c.model} ({count:,} parameters) on {c.dataset}: {len(trainer.train_loader.dataset)} train / "
           f"{len(trainer.test_loader.dataset)} test images, {_plural(c.epochs, 'epoch')} of {len(trainer.train_loader)} "
-          f"batches of {c.batch_size}, lr {c.lr} ({c.schedule}"
+          f"batches of {c.batch_size}, {c.optimizer} lr {c.lr} ({c.schedule}"
           f"{f', warm-up {c.warmup_epochs}' if c.warmup_epochs else ''}), backend {c.backend}, {c.dtype}",
           flush=True)
     unreached = c.unreached_milestones()
