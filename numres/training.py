@@ -114,6 +114,7 @@ class TrainConfig:
     freeze_backbone: bool = False           # train only the new fc
 
     def __post_init__(self):
+        self.backend = B.normalize_backend(self.backend)       # "cpu" / "cuda" name the numpy / cupy backends
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.lr is None:

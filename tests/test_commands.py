@@ -216,3 +216,9 @@ def test_optimizer_option_trains_and_resumes_bit_exactly(optimizer, tmp_path, ca
 
 def test_optimizer_option_refuses_sgd_only_settings(capsys):
     fails_cleanly(capsys, ["train", "--optimizer", "adam", "--momentum", "0.5"], "--momentum", "SGD")
+
+
+def test_device_names_work_on_the_command_line(tmp_path, capsys):
+    assert main(["train", *TINY, "--epochs", "1", "--backend", "cpu", "--out", str(tmp_path)]) == 0
+    assert "backend numpy" in capsys.readouterr().out
+    assert nr.load(tmp_path / "checkpoint.npz")["config"]["backend"] == "numpy"
