@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backend as B
+from .nn.module import parameters_changed
 
 SMALL_GRADIENT = 1e-3
 
@@ -69,6 +70,7 @@ def gradcheck(module, x, *, eps=1e-6, max_entries=None, params=True, seed=0, for
     upstream = B.asarray(rng.standard_normal(y.shape), module.backend, "float64")
 
     def objective():
+        parameters_changed()        # a parameter was written in place: derived values (folded BatchNorm) are stale
         return float(B.to_numpy((module(x, **forward_kwargs) * upstream).sum()))
 
     module.zero_grad()

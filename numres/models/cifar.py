@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from .. import init
 from ..nn import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Linear, Module, ReLU, Sequential
+from ..nn.fusion import conv_bn
 from .resnet import BasicBlock, conv3x3
 
 __all__ = ["ZeroPadShortcut", "PlainBlock", "CifarResNet", "resnet20", "resnet32", "resnet44", "resnet56",
@@ -70,8 +71,8 @@ class PlainBlock(BasicBlock):
         super().__init__(inplanes, planes, stride, downsample=None, backend=backend, dtype=dtype)
 
     def forward(self, x):
-        out = self.bn1(self.conv1(x), relu=True)
-        return self.bn2(self.conv2(out), relu=True)
+        out = conv_bn(self.conv1, self.bn1, x, relu=True)
+        return conv_bn(self.conv2, self.bn2, out, relu=True)
 
     def backward(self, grad_output):
         grad = self.bn2.backward(grad_output)
@@ -123,7 +124,7 @@ class CifarResNet(Module):
 
     def forward(self, x):
         self.check_input(x, ndim=4, channels=self.conv1.in_channels)
-        x = self.bn1(self.conv1(x), relu=True)
+        x = conv_bn(self.conv1, self.bn1, x, relu=True)
         x = self.layer3(self.layer2(self.layer1(x)))
         x = self.avgpool(x)
         self.save_for_backward(x.shape)

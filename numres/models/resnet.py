@@ -10,12 +10,15 @@ keeps gradients alive in deep networks.
 
 The blocks run their ReLUs fused into the preceding BatchNorm (``bn(x, relu=True)``);
 the ``relu`` modules are kept so the printed architecture and the names match
-torchvision, but the block applies them through the BatchNorm.
+torchvision, but the block applies them through the BatchNorm.  Each conv -> BatchNorm
+step goes through :func:`numres.nn.fusion.conv_bn`, which in evaluation mode folds the
+BatchNorm into the convolution (and the ReLU into its output pass); training runs them as written.
 """
 from __future__ import annotations
 
 from .. import init
 from ..nn import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Linear, MaxPool2d, Module, ReLU, Sequential
+from ..nn.fusion import conv_bn, downsample_forward
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
            "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2"]
@@ -54,9 +57,9 @@ class BasicBlock(Module):
         self.stride = stride
 
     def forward(self, x):
-        out = self.bn1(self.conv1(x), relu=True)
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
+        out = conv_bn(self.conv1, self.bn1, x, relu=True)
+        out = conv_bn(self.conv2, self.bn2, out)
+        identity = x if self.downsample is None else downsample_forward(self.downsample, x)
         out = self.ops.add_relu_forward(out, identity)
         self.save_for_backward(out)
         return out
@@ -92,10 +95,10 @@ class Bottleneck(Module):
         self.stride = stride
 
     def forward(self, x):
-        out = self.bn1(self.conv1(x), relu=True)
-        out = self.bn2(self.conv2(out), relu=True)
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
+        out = conv_bn(self.conv1, self.bn1, x, relu=True)
+        out = conv_bn(self.conv2, self.bn2, out, relu=True)
+        out = conv_bn(self.conv3, self.bn3, out)
+        identity = x if self.downsample is None else downsample_forward(self.downsample, x)
         out = self.ops.add_relu_forward(out, identity)
         self.save_for_backward(out)
         return out
@@ -171,7 +174,7 @@ class ResNet(Module):
 
     def forward(self, x):
         self.check_input(x, ndim=4, channels=self.conv1.in_channels)
-        x = self.bn1(self.conv1(x), relu=True)
+        x = conv_bn(self.conv1, self.bn1, x, relu=True)
         x = self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)

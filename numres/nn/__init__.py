@@ -10,9 +10,11 @@ from .module import Module, Parameter, StateDictError, is_grad_enabled, no_grad
 from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, MaxUnpool2d
 from .sync_batchnorm import SyncBatchNorm
 from . import parallel  # noqa: E402  (nn.parallel.DistributedDataParallel)
+from .fusion import batchnorm_folding, is_batchnorm_folding_enabled, set_batchnorm_folding
 
 __all__ = ["Module", "Parameter", "StateDictError", "no_grad", "is_grad_enabled", "Conv2d", "BatchNorm2d",
            "ReLU", "MaxPool2d", "MaxUnpool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Linear", "Flatten", "Identity",
            "Sequential", "CrossEntropyLoss"]
 __all__ += ["Dropout", "Dropout2d", "ModuleList", "ModuleDict"]
 __all__ += ["SyncBatchNorm", "parallel"]
+__all__ += ["batchnorm_folding", "is_batchnorm_folding_enabled", "set_batchnorm_folding"]

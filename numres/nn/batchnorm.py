@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..functional.batchnorm import BatchNormCache
-from .module import Module, Parameter
+from .module import Module, Parameter, parameters_changed
 
 
 class BatchNorm2d(Module):
@@ -44,6 +44,7 @@ class BatchNorm2d(Module):
             self.running_mean[...] = 0
             self.running_var[...] = 1
             self.num_batches_tracked[...] = 0
+            parameters_changed()
 
     def forward(self, x, relu=False):
         self.check_input(x, ndim=4, channels=self.num_features)
@@ -69,6 +70,10 @@ class BatchNorm2d(Module):
 
     def backward(self, grad_output):
         cache = self.saved_cache()
+        if getattr(cache, "folded_into_conv", False):
+            # Folded into the convolution before it (numres.nn.fusion): only the ReLU mask is left here;
+            # that convolution's backward gives this layer's parameter gradients.
+            return self.ops.relu_backward(grad_output, cache.output) if cache.relu else grad_output
         learning = [p for p in (self.weight, self.bias) if p is not None and p.requires_grad]
         if not learning and isinstance(cache, BatchNormCache):
             # Frozen (or no) parameters: only dx.  (A GPU kernel's cache gets its fused pass, which

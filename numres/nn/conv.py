@@ -1,9 +1,13 @@
 """Conv2d: a thin stateful wrapper over :mod:`numres.functional.conv`."""
 from __future__ import annotations
 
+import functools
+
 from .. import backend as B
 from .. import init
 from ..functional import conv as F
+from ..functional.fused import FoldedConvCache, folded_conv_bn_backward
+from ..functional import conv_algorithms
 from .module import Module, Parameter
 
 
@@ -76,6 +80,8 @@ class Conv2d(Module):
 
     def backward(self, grad_output, need_input_grad=True):
         """dL/dx; accumulates the gradients of the weight and bias, skipping the GEMM of a frozen weight."""
+        if isinstance(self.saved_cache(), FoldedConvCache):
+            return self._folded_backward(grad_output, need_input_grad)
         if self.weight.requires_grad:
             dx, dweight, dbias = self.ops.conv2d_backward(grad_output, self.saved_cache(), need_input_grad)
         else:
@@ -86,6 +92,25 @@ class Conv2d(Module):
         self.weight.accumulate_grad(dweight)
         if self.bias is not None:
             self.bias.accumulate_grad(dbias)
+        return dx
+
+    def _folded_backward(self, grad_output, need_input_grad):
+        """Backward of a forward that ran with the next BatchNorm folded in (:mod:`numres.nn.fusion`):
+        accumulates this layer's gradients and the BatchNorm's, whose backward applied only the ReLU mask."""
+        cache = self.saved_cache()
+        bn_params = [p for p in (cache.bn_weight, cache.bn_bias) if p is not None]
+        conv_params = [p for p in (self.weight, self.bias) if p is not None]
+        dx, dweight, dbias, dbn_weight, dbn_bias = folded_conv_bn_backward(
+            grad_output, cache, functools.partial(conv_algorithms.conv2d_backward, ops=self.ops),
+            need_input_grad, need_conv_grads=any(p.requires_grad for p in conv_params),
+            need_bn_grads=any(p.requires_grad for p in bn_params))
+        self.weight.accumulate_grad(dweight)
+        if self.bias is not None:
+            self.bias.accumulate_grad(dbias)
+        if cache.bn_weight is not None:
+            cache.bn_weight.accumulate_grad(dbn_weight)
+        if cache.bn_bias is not None:
+            cache.bn_bias.accumulate_grad(dbn_bias)
         return dx
 
     def extra_repr(self):

@@ -11,10 +11,12 @@ part in the last backward, is left alone, weight decay included, as in PyTorch).
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
 from .. import backend as B
+from ..nn.module import parameters_changed
 
 
 def check_number(name: str, value, *, low: float = 0.0, high: float | None = None, low_open: bool = False,
@@ -34,6 +36,20 @@ def check_number(name: str, value, *, low: float = 0.0, high: float | None = Non
         raise ValueError(f"Invalid {label}: {value!r} ({name} must lie in {lower}, {upper})")
 
 
+def _noting_parameter_change(step):
+    """Wrap a subclass's ``step`` so that it bumps :func:`numres.nn.module.parameters_changed`
+    (kept values derived from the parameters, such as folded BatchNorm weights, are then remade)."""
+    @functools.wraps(step)
+    def noting_step(self, *args, **kwargs):
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            parameters_changed()
+
+    noting_step.notes_parameter_change = True
+    return noting_step
+
+
 class Optimizer:
     """Holds ``param_groups`` (lists of Parameters with their hyper-parameters) and per-parameter ``state``.
 
@@ -45,6 +61,12 @@ class Optimizer:
     """
 
     host_state_keys: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("step")
+        if step is not None and not getattr(step, "notes_parameter_change", False):
+            cls.step = _noting_parameter_change(step)
 
     def __init__(self, params, defaults):
         self.defaults = dict(defaults)
