@@ -8,7 +8,11 @@ The report gives medians over ``--repeats`` runs and the ratio numres / PyTorch,
 GFLOP/s numres reaches against the sgemm peak measured in the same run, a breakdown
 of numres's step by layer kind (each convolution shape, BN, ReLU, pooling,
 im2col/col2im, GEMM share), peak memory (each framework in a child process of its
-own, so the peaks do not mix), and the BLAS kernel in use.  Results go to
+own, so the peaks do not mix), the BLAS kernel in use and the CPU's vector width (AVX2 or
+AVX-512, from /proc/cpuinfo), the convolution algorithm numres chose for every layer
+(im2col or Winograd, :mod:`numres.functional.conv_algorithms`), and, for each 3x3 layer
+shape, forward and backward times per algorithm (im2col, Winograd F(2,3) and F(4,3) where
+they apply) beside PyTorch's.  Results go to
 ``benchmarks/results/cpu_<model>_b<batch>_s<size>.json``; ``cpu.md`` and ``cpu.png``
 there are rebuilt from every such file.
 """
@@ -49,6 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--report-only", action="store_true", help="only rebuild cpu.md and cpu.png from the JSON")
+    parser.add_argument("--no-layers", action="store_true", help="skip the per-algorithm timings of the 3x3 layers")
     return parser.parse_args(argv)
 
 
@@ -79,6 +84,24 @@ def cpu_model():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def vector_width():
+    """The widest x86 vector extension the CPU reports ("AVX-512", "AVX2", ...), from /proc/cpuinfo's flags."""
+    try:
+        with open("/proc/cpuinfo") as stream:
+            for line in stream:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+            else:
+                return "unknown"
+    except OSError:
+        return "unknown"
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
+        if flag in flags:
+            return name
+    return "SSE2 or older"
 
 
 def median_ms(samples):
@@ -234,7 +257,9 @@ def breakdown(model, step, repeats):
                 shape = f"{x.shape[1]}->{weight.shape[0]} k{weight.shape[2]} s{stride if isinstance(stride, int) else stride[0]} @{x.shape[2]}"
             else:
                 cache = args[1]
-                shape = (f"{cache.x_shape[1]}->{cache.weight.shape[0]} k{cache.kernel[0]} s{cache.stride[0]} "
+                cache = getattr(cache, "conv_cache", cache)          # a folded pair's cache holds the conv's
+                stride = getattr(cache, "stride", (1, 1))[0]          # a Winograd cache: 3x3 stride 1
+                shape = (f"{cache.x_shape[1]}->{cache.weight.shape[0]} k{cache.weight.shape[2]} s{stride} "
                          f"@{cache.x_shape[2]}")
             return f"conv {shape} {direction}"
         return label
@@ -250,6 +275,13 @@ def breakdown(model, step, repeats):
     }
     for name, label in kinds.items():
         register_kernel("numpy", name, timed(label, getattr(F, name)))
+    from numres.functional import conv_algorithms as algorithms_module
+    winograd_originals = {"winograd_conv2d_forward": algorithms_module.winograd_conv2d_forward,
+                          "winograd_conv2d_backward": algorithms_module.winograd_conv2d_backward}
+    for name, function in winograd_originals.items():     # Winograd layers bypass the registered conv ops
+        direction = name.rsplit("_", 1)[1]
+        setattr(algorithms_module, name, timed(lambda a, label=conv_label(direction): label(a) + " (winograd)",
+                                               function))
     originals = {"im2col": conv_module.im2col, "col2im": conv_module.col2im}
     conv_module.im2col = timed(lambda a: "im2col (inside conv)", originals["im2col"])
     conv_module.col2im = timed(lambda a: "col2im (inside conv)", originals["col2im"])
@@ -265,7 +297,121 @@ def breakdown(model, step, repeats):
         for name in kinds:
             unregister_kernel("numpy", name)
         conv_module.im2col, conv_module.col2im = originals["im2col"], originals["col2im"]
+        for name, function in winograd_originals.items():
+            setattr(algorithms_module, name, function)
     return {key: statistics.median(values) for key, values in totals.items()}
+
+
+# --- which convolution algorithm each layer takes, and each algorithm's time on the 3x3 layers ---------
+
+def _cache_algorithm(cache):
+    from numres.functional.conv_algorithms import algorithm_of
+    from numres.functional.fused import FoldedConvCache
+    return cache.algorithm if isinstance(cache, FoldedConvCache) else algorithm_of(cache)
+
+
+def layer_algorithms(model, x):
+    """``[{layer, input, weight, stride, algorithm}]`` for every Conv2d, from the caches of one
+    training-mode forward (what the train step runs; the caches are dropped afterwards)."""
+    import numres as nr
+
+    shapes = {}
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nr.nn.Conv2d)]
+    handles = [m.register_forward_hook(lambda mod, inputs, out, name=name: shapes.__setitem__(name, inputs[0].shape))
+               for name, m in convs]
+    model.train()
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = []
+    for name, conv in convs:
+        layers.append({"layer": name, "input": list(shapes[name]), "weight": list(conv.weight.shape),
+                       "stride": list(conv.stride), "padding": list(conv._plain_padding() or conv.padding),
+                       "algorithm": _cache_algorithm(conv.saved_cache())})
+    for module in model.modules():
+        module._free_cache()
+    return layers
+
+
+def time_3x3_algorithms(model, layers, repeats):
+    """For each distinct 3x3 layer shape: median forward and backward ms of every algorithm that
+    applies (im2col; Winograd F(2,3) and F(4,3) on stride-1 layers), and of PyTorch's conv2d."""
+    import torch
+
+    import numres as nr
+    from numres.functional import conv_algorithms as CA
+
+    convs = dict(model.named_modules())
+    rows, seen = [], set()
+    rng = np.random.default_rng(0)
+    for layer in layers:
+        conv = convs[layer["layer"]]
+        if tuple(layer["weight"][2:]) != (3, 3):
+            continue
+        key = (tuple(layer["input"]), tuple(layer["weight"]), tuple(layer["stride"]), conv.groups)
+        if key in seen:
+            continue
+        seen.add(key)
+        x = np.ascontiguousarray(rng.standard_normal(
+            (key[0][0], key[0][2], key[0][3], key[0][1])).astype(np.float32)).transpose(0, 3, 1, 2)
+        weight, stride, padding = conv.weight.data, conv.stride, conv._plain_padding()
+        applies = CA.winograd_padding(padding) is not None and CA.winograd_applies(
+            x.shape, weight.shape, stride, padding, conv.dilation, conv.groups)
+        candidates = [("im2col", "im2col", None)]
+        if applies:
+            candidates += [("winograd F(2,3)", "winograd", 2), ("winograd F(4,3)", "winograd", 4)]
+        row = {"layer": layer["layer"], "shape": f"{key[0][1]}->{key[1][0]} @{key[0][2]}x{key[0][3]} "
+                                                 f"s{key[2][0]} g{conv.groups} N{key[0][0]}",
+               "auto": layer["algorithm"], "ms": {}}
+        dy = None
+        for label, algorithm, tile in candidates:
+            with CA.conv_algorithm(algorithm, winograd_tile=tile):
+                forward = lambda: CA.conv2d_forward(x, weight, None, stride, padding, conv.dilation,  # noqa: E731
+                                                    conv.groups)
+                y, cache = forward()
+                if dy is None:
+                    dy = np.ascontiguousarray(rng.standard_normal(
+                        (y.shape[0], y.shape[2], y.shape[3], y.shape[1])).astype(np.float32)).transpose(0, 3, 1, 2)
+                CA.conv2d_backward(dy, cache)                        # warm-up
+                forward_s, backward_s = [], []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    y, cache = forward()
+                    forward_s.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    CA.conv2d_backward(dy, cache)
+                    backward_s.append(time.perf_counter() - start)
+            row["ms"][label] = {"forward": median_ms(forward_s), "backward": median_ms(backward_s)}
+        xt = torch.from_numpy(x).requires_grad_(True)
+        wt = torch.from_numpy(np.ascontiguousarray(nr.to_numpy(weight))).requires_grad_(True)
+        dyt = torch.from_numpy(np.ascontiguousarray(dy))
+        forward_s, backward_s = [], []
+        for index in range(repeats + 1):
+            start = time.perf_counter()
+            yt = torch.nn.functional.conv2d(xt, wt, None, stride, padding, conv.dilation, conv.groups)
+            middle = time.perf_counter()
+            yt.backward(dyt)
+            end = time.perf_counter()
+            if index:
+                forward_s.append(middle - start)
+                backward_s.append(end - middle)
+        row["ms"]["PyTorch"] = {"forward": median_ms(forward_s), "backward": median_ms(backward_s)}
+        rows.append(row)
+    return rows
+
+
+def print_layers(layers, algorithm_rows):
+    print("convolution algorithm per layer (train step):")
+    for layer in layers:
+        print(f"  {layer['layer']:28s} {layer['input'][1]:>4}->{layer['weight'][0]:<4} k{layer['weight'][2]} "
+              f"s{layer['stride'][0]} @{layer['input'][2]:<4} {layer['algorithm']}")
+    if algorithm_rows:
+        print("3x3 layers, forward / backward ms per algorithm:")
+        for row in algorithm_rows:
+            times = "   ".join(f"{label} {t['forward']:.1f}/{t['backward']:.1f}" for label, t in row["ms"].items())
+            print(f"  {row['shape']:32s} (numres: {row['auto']})  {times}")
 
 
 # --- peak memory, each framework alone in a child process ---------------------------------------------
@@ -339,7 +485,8 @@ def write_reports(directory):
         lines += [f"## {config['model']}, batch {config['batch']}, {config['size']}x{config['size']}, float32, "
                   f"{config['threads']} threads",
                   "",
-                  f"Machine: {run['machine']['processor']}, BLAS: " +
+                  f"Machine: {run['machine']['processor']} ({run['machine'].get('vector_width', 'vector width not recorded')}), "
+                  f"BLAS: " +
                   ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']})" for b in run["blas"]) +
                   f", sgemm peak {run['sgemm_peak_gflops']:.0f} GFLOP/s, torch {run['torch_version']}, "
                   f"{run['timestamp']}",
@@ -365,6 +512,25 @@ def write_reports(directory):
             if key != "total step":
                 lines.append(f"| {key} | {value:.1f} | {100 * value / total:.1f}% |")
         lines += [f"| total step | {total:.1f} | 100% |", "", "</details>", ""]
+        if run.get("layers"):
+            lines += ["<details><summary>convolution algorithm per layer</summary>", "",
+                      "| layer | in -> out | kernel | stride | input side | algorithm |", "|---|---|---|---|---|---|"]
+            for layer in run["layers"]:
+                lines.append(f"| {layer['layer']} | {layer['input'][1]} -> {layer['weight'][0]} | "
+                             f"{layer['weight'][2]}x{layer['weight'][3]} | {layer['stride'][0]} | {layer['input'][2]} | "
+                             f"{layer['algorithm']} |")
+            lines += ["", "</details>", ""]
+        if run.get("algorithms_3x3"):
+            labels = []
+            for row in run["algorithms_3x3"]:
+                labels += [label for label in row["ms"] if label not in labels]
+            lines += ["3x3 layers, forward / backward median ms per algorithm (numres: the algorithm its train step used):", "",
+                      "| layer shape | numres | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+            for row in run["algorithms_3x3"]:
+                cells = [f"{row['ms'][label]['forward']:.1f} / {row['ms'][label]['backward']:.1f}"
+                         if label in row["ms"] else "-" for label in labels]
+                lines.append(f"| {row['shape']} | {row['auto']} | " + " | ".join(cells) + " |")
+            lines.append("")
     with open(os.path.join(directory, "cpu.md"), "w") as stream:
         stream.write("\n".join(lines))
     try:
@@ -407,8 +573,9 @@ def main(argv=None):
     numres_jobs = numres_runners(model, x, target)
     torch_jobs = torch_runners(reference, x, target)
     peak = sgemm_peak_gflops()
-    print(f"BLAS: {blas_info()}  sgemm peak {peak:.0f} GFLOP/s; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    width = vector_width()
+    print(f"CPU: {cpu_model()} ({width}); BLAS: {blas_info()}  sgemm peak {peak:.0f} GFLOP/s; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
     samples = time_alternating(numres_jobs, torch_jobs, args.repeats)
     timings = {}
@@ -429,10 +596,13 @@ def main(argv=None):
     breakdown_ms = {k: v * 1000 for k, v in parts.items()}
     breakdown_ms["GEMM and the rest of conv (conv minus im2col/col2im)"] = (conv_total - copies) * 1000
     del stem
+    layers = layer_algorithms(model, x)
+    algorithm_rows = [] if args.no_layers else time_3x3_algorithms(model, layers, max(1, args.repeats // 2))
+    print_layers(layers, algorithm_rows)
 
     result = {
         "config": vars(args) | {"out": None},
-        "machine": {"processor": cpu_model(), "cpus": os.cpu_count(),
+        "machine": {"processor": cpu_model(), "vector_width": width, "cpus": os.cpu_count(),
                     "python": platform.python_version()},
         "timestamp": time.strftime("%Y-%m-%d %H:%M"),
         "blas": blas_info(), "torch_version": torch.__version__, "numpy_version": np.__version__,
@@ -444,6 +614,8 @@ def main(argv=None):
         "numres_train_gflops": train_flops / (timings["train_step"]["numres_ms"] / 1000) / 1e9,
         "torch_train_gflops": (train_flops + 2 * stem_dx_macs) / (timings["train_step"]["torch_ms"] / 1000) / 1e9,
         "breakdown_ms": breakdown_ms,
+        "layers": layers,
+        "algorithms_3x3": algorithm_rows,
     }
     limits.restore_original_limits()
     if not args.no_memory:
