@@ -130,19 +130,14 @@ def _row_blocks(rows, out_channels):
 
 
 def conv2d_bias_relu_forward(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                             relu=False, channel_sums=False):
-    """im2col convolution whose output pass adds ``bias`` and applies ReLU chunk by chunk -> ``(y, cache, sums)``.
+                             relu=False):
+    """im2col convolution whose output pass adds ``bias`` and applies ReLU chunk by chunk -> ``(y, cache)``.
 
     The same GEMMs as :func:`numres.functional.conv.conv2d_forward` (whose cache this returns,
     so its backward applies), but each chunk of GEMM output gets ``max(y + bias, 0)`` right after
     the GEMM wrote it, while it is still in cache, instead of in one more pass over ``y``.  A 1x1
     stride-1 convolution (one GEMM on the input itself) is cut into blocks of output rows for this.
-
-    With ``channel_sums=True`` each chunk also adds its per-channel sums (for a BatchNorm after
-    the convolution): ``sums = (k, sum(y - k), sum((y - k)^2))``, with the shift ``k`` the first
-    chunk's mean (which avoids cancellation); otherwise ``sums`` is None.
-
-    ``padding`` is the symmetric zero padding ``(ph, pw)``; other paddings take the generic path.
+    ``padding`` is the symmetric zero padding ``(ph, pw)``.
     """
     xp = xp_of(x)
     out_channels, cg, kh, kw = weight.shape
@@ -153,29 +148,22 @@ def conv2d_bias_relu_forward(x, weight, bias=None, stride=(1, 1), padding=(0, 0)
     matrix = C.weight_matrix(weight, groups)
     y = xp.empty((n * pixels, out_channels), dtype=x.dtype)
     y_groups = y.reshape(n * pixels, groups, out_channels // groups)
-    bias_tile = None if bias is None else channel_tile(bias.astype(y.dtype, copy=False),
-                                                       max(1, TILE_ELEMENTS // max(1, out_channels)))
-    sums = [] if channel_sums else None
-    shift = None
+    tile_rows = max(1, TILE_ELEMENTS // max(1, out_channels))
+    bias_tile = None if bias is None else channel_tile(bias.astype(y.dtype, copy=False), tile_rows)
 
     def epilogue(block):
-        """bias, ReLU and the channel sums of output rows ``block`` (still in cache)."""
-        nonlocal shift
+        """bias and ReLU on output rows ``block``, tile by tile on all cores, while it is in cache."""
         rows = y[block]
-        if bias is not None or relu:
-            def finish(tile):
-                part = rows[tile]
-                if bias is not None:
-                    part += fit(bias_tile, tile.stop - tile.start)
-                if relu:
-                    xp.maximum(part, 0, out=part)
 
+        def finish(tile):
+            part = rows[tile]
+            if bias is not None:
+                part += fit(bias_tile, tile.stop - tile.start)
+            if relu:
+                xp.maximum(part, 0, out=part)
+
+        if bias is not None or relu:
             map_tiles(finish, rows.shape[0], out_channels, xp)
-        if channel_sums:
-            if shift is None:
-                shift = rows.mean(axis=0)
-            deviation = rows - shift
-            sums.append((deviation.sum(axis=0), (deviation * deviation).sum(axis=0)))
 
     one_by_one = (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0)
     if one_by_one:
@@ -192,9 +180,4 @@ def conv2d_bias_relu_forward(x, weight, bias=None, stride=(1, 1), padding=(0, 0)
     y = y.reshape(n, out_hw[0], out_hw[1], out_channels).transpose(0, 3, 1, 2)
     cache = C.ConvCache(x, weight, tuple(x.shape), out_hw, (kh, kw), tuple(stride), tuple(padding),
                         tuple(dilation), groups, bias is not None)
-    if channel_sums:
-        if shift is None:
-            shift = xp.zeros(out_channels, dtype=x.dtype)
-        sums = (shift, sum(part[0] for part in sums), sum(part[1] for part in sums))
-    return y, cache, sums
-
+    return y, cache

@@ -118,7 +118,7 @@ def folded_forward(conv, bn, x, relu=False):
     algorithm = conv_algorithms.choose_conv_algorithm(x.shape, folded.weight.shape, conv.stride, padding,
                                                       conv.dilation, conv.groups, xp)
     if algorithm == "im2col" and xp.__name__ == "numpy":
-        y, conv_cache, _ = conv2d_bias_relu_forward(x, folded.weight, folded.bias, conv.stride, padding,
+        y, conv_cache = conv2d_bias_relu_forward(x, folded.weight, folded.bias, conv.stride, padding,
                                                     conv.dilation, conv.groups, relu=relu)
     else:   # Winograd, or a GPU's registered kernel: the bias goes in the convolution, the ReLU after it
         y, conv_cache = conv_algorithms.conv2d_forward(x, folded.weight, folded.bias, conv.stride, padding,
