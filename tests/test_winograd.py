@@ -372,30 +372,29 @@ def test_guard_backend_runs_without_host_round_trips(tile, rng):
         assert rel_err(nr.backend.to_numpy(ours), ref) < 1e-12
 
 
-# --- the op namespace modules use ----------------------------------------------------------------------
+# --- registered kernels -----------------------------------------------------------------------------
 
 
-def test_algorithm_ops_keep_registered_kernels_for_im2col(rng, restore_algorithm):
-    """AlgorithmOps runs a backend's registered conv kernel on the im2col path, Winograd where chosen,
-    and hands every other op through."""
+def test_registered_kernels_still_run_the_im2col_path(rng, restore_algorithm):
+    """With a backend's ops (ops_for), the im2col path runs its registered conv kernel (CUDA on a GPU);
+    Winograd runs where it is chosen."""
     calls = []
 
     def kernel(*args, **kwargs):
         calls.append("forward")
         return im2col_conv.conv2d_forward(*args, **kwargs)
 
-    ops = algorithms.algorithm_ops_for("numpy")
-    assert ops is algorithms.algorithm_ops_for("numpy") and ops.relu_forward is nr.functional.relu_forward
     x, weight, bias, _ = random_case(rng, 2, 3, 4, 6, 6, 1)
     nr.functional.register_kernel("numpy", "conv2d_forward", kernel)
     try:
+        ops = nr.functional.ops_for("numpy")
         nr.functional.set_conv_algorithm("im2col")
-        _, cache = ops.conv2d_forward(x, weight, bias, 1, 1)
+        _, cache = algorithms.conv2d_forward(x, weight, bias, 1, 1, ops=ops)
         assert calls == ["forward"] and not isinstance(cache, W.WinogradCache)
         nr.functional.set_conv_algorithm("winograd")
-        _, cache = ops.conv2d_forward(x, weight, bias, 1, 1)
+        _, cache = algorithms.conv2d_forward(x, weight, bias, 1, 1, ops=ops)
         assert calls == ["forward"] and isinstance(cache, W.WinogradCache)
-        _, cache = ops.conv2d_forward(x, weight, bias, 2, 1)            # stride 2: the kernel again
+        _, cache = algorithms.conv2d_forward(x, weight, bias, 2, 1, ops=ops)      # stride 2: the kernel again
         assert calls == ["forward", "forward"]
     finally:
         nr.functional.unregister_kernel("numpy", "conv2d_forward")

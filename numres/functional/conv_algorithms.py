@@ -230,37 +230,3 @@ def conv2d_backward(dy, cache, need_input_grad=True, *, ops=None, **options):
     backward = im2col_conv.conv2d_backward if ops is None else ops.conv2d_backward
     return backward(dy, cache, need_input_grad, **options)
 
-
-class AlgorithmOps:
-    """One backend's op namespace (:func:`numres.functional.ops_for`) in which ``conv2d_forward``
-    and ``conv2d_backward`` go through :func:`conv2d_forward` / :func:`conv2d_backward` above.
-
-    A module uses it as its ``ops``: the im2col path still runs the backend's registered kernel
-    (CUDA) where there is one, and every other op is the backend's own.
-    """
-
-    def __init__(self, backend: str):
-        self.backend = backend
-
-    def _ops(self):
-        from .dispatch import ops_for
-        return ops_for(self.backend)
-
-    def conv2d_forward(self, *args, **kwargs):
-        return conv2d_forward(*args, ops=self._ops(), **kwargs)
-
-    def conv2d_backward(self, *args, **kwargs):
-        return conv2d_backward(*args, ops=self._ops(), **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._ops(), name)
-
-
-_ALGORITHM_OPS: dict = {}
-
-
-def algorithm_ops_for(backend: str) -> AlgorithmOps:
-    """The :class:`AlgorithmOps` of ``backend`` (one per backend)."""
-    if backend not in _ALGORITHM_OPS:
-        _ALGORITHM_OPS[backend] = AlgorithmOps(backend)
-    return _ALGORITHM_OPS[backend]
