@@ -229,4 +229,3 @@ def conv2d_backward(dy, cache, need_input_grad=True, *, ops=None, **options):
         return winograd_conv2d_backward(dy, cache, need_input_grad, **options)
     backward = im2col_conv.conv2d_backward if ops is None else ops.conv2d_backward
     return backward(dy, cache, need_input_grad, **options)
-
