@@ -157,6 +157,19 @@ def test_runs_of_tile_rows_straddle_images(rng, monkeypatch):
         assert_close(ours, ref, "float64")
 
 
+@pytest.mark.parametrize("tile", TILES)
+def test_bias_and_relu_in_the_output_pass(tile, rng, monkeypatch):
+    """relu=True gives relu(conv(x) + b) as PyTorch computes it, also with runs of single tile rows."""
+    x, weight, bias, _ = random_case(rng, 3, 4, 5, 9, 7, 1)
+    expected = torch.relu(torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(weight), torch.tensor(bias),
+                                                     padding=1)).numpy()
+    y, _ = winograd_conv2d_forward(channels_last(x), stored_weight(weight), bias, padding=1, tile=tile, relu=True)
+    assert_close(y, expected, "float64")
+    monkeypatch.setattr(W, "TRANSFORM_TILE_ELEMENTS", 1)
+    y, _ = winograd_conv2d_forward(channels_last(x), stored_weight(weight), bias, padding=1, tile=tile, relu=True)
+    assert_close(y, expected, "float64")
+
+
 def test_skipped_gradients_are_none(rng):
     x, weight, bias, dy = random_case(rng, 2, 3, 4, 6, 6, 1)
     _, dx_ref, dw_ref, db_ref = torch_conv(x, weight, bias, 1, dy)

@@ -302,12 +302,13 @@ def gather_tiles(xp, images, out, first, stop, matrix, step, tiles_w, pad_top=0,
         combine(xp, out[:, q], coefficients, cols_in, scratch)
 
 
-def scatter_tiles(xp, m_tiles, images, first, stop, transforms):
+def scatter_tiles(xp, m_tiles, images, first, stop, transforms, bias=None, relu=False):
     """Output transform ``Y = A^T M A`` of tile rows ``first:stop`` into (k, OH, OW, O) ``images``.
 
     ``m_tiles`` is the (a, a, k, rows, tiles_w, O) block of products for those rows.  Output
     pixel ``(m*t + i, m*s + j)`` gets ``Y[i, j]`` of tile ``(t, s)``; the last tile row or
-    column writes only the pixels that exist.
+    column writes only the pixels that exist.  ``bias`` is added, and ``relu`` applied, to
+    these output rows while they are still in cache.
     """
     m, a = transforms.tile, transforms.size
     batch, out_h, out_w = images.shape[:3]
@@ -334,6 +335,12 @@ def scatter_tiles(xp, m_tiles, images, first, stop, transforms):
                 combine(xp, target, coefficients,
                         [reduced[i, nu, :, t - first, :target.shape[1]] for nu in range(a)],
                         None if unit else scratch[0, :, 0])
+    if bias is not None or relu:
+        written = images[:, m * first: min(m * stop, out_h)]
+        if bias is not None:
+            xp.add(written, bias, out=written)
+        if relu:
+            xp.maximum(written, 0, out=written)
 
 
 # --- the convolution itself ----------------------------------------------------------------------------
@@ -394,9 +401,10 @@ def output_tile_gradients(xp, dy_nhwc, images, transforms, buffer=None):
     return dm
 
 
-def winograd_convolve(x_nhwc, u, padding, transforms):
+def winograd_convolve(x_nhwc, u, padding, transforms, bias=None, relu=False):
     """3x3 stride-1 convolution of channels-last ``x_nhwc`` (N, H, W, C) with transformed weight
-    ``u`` (a*a, C, O): returns the output (N, OH, OW, O), contiguous."""
+    ``u`` (a*a, C, O): returns the output (N, OH, OW, O), contiguous; ``bias`` and ``relu`` are
+    applied in the output pass."""
     xp = xp_of(x_nhwc)
     m, a = transforms.tile, transforms.size
     n, h, w, c = x_nhwc.shape
@@ -420,7 +428,7 @@ def winograd_convolve(x_nhwc, u, padding, transforms):
 
         def output_transform(rows):
             for run, first, stop in tile_row_runs(rows, tiles_h):
-                scatter_tiles(xp, blocks[:, :, run, first:stop], target[run], first, stop, transforms)
+                scatter_tiles(xp, blocks[:, :, run, first:stop], target[run], first, stop, transforms, bias, relu)
 
         map_tiles(output_transform, count * tiles_h, a * a * tiles_w * o, xp, TRANSFORM_TILE_ELEMENTS)
     return y
@@ -464,12 +472,14 @@ def channels_last(x):
     return nhwc if nhwc.flags.c_contiguous else xp_of(x).ascontiguousarray(nhwc)
 
 
-def winograd_conv2d_forward(x, weight, bias=None, stride=1, padding=1, dilation=1, groups=1, tile=2):
+def winograd_conv2d_forward(x, weight, bias=None, stride=1, padding=1, dilation=1, groups=1, tile=2, relu=False):
     """``y = conv2d(x, weight) + bias`` by Winograd F(tile x tile, 3x3) -> ``(y, cache)``.
 
     Same arguments and result as :func:`numres.functional.conv.conv2d_forward` (``y`` is
     (N, O, OH, OW), stored channels-last), for a 3x3 kernel with stride 1, dilation 1 and
-    groups 1.
+    groups 1.  The bias is added in the output pass, chunk by chunk; ``relu=True`` returns
+    ``max(y, 0)`` the same way (for a BatchNorm + ReLU folded into the convolution; the cache
+    is the convolution's, and the caller owns the ReLU's backward).
     """
     transforms = transforms_for(tile)
     check_winograd_shape(x.shape, weight.shape, stride, padding, dilation, groups)
@@ -478,9 +488,7 @@ def winograd_conv2d_forward(x, weight, bias=None, stride=1, padding=1, dilation=
                         f"{None if bias is None else bias.dtype}")
     padding = pair(padding)
     u = transform_weight(weight.transpose(2, 3, 1, 0), transforms)
-    y = winograd_convolve(channels_last(x), u, padding, transforms)
-    if bias is not None:
-        y += bias
+    y = winograd_convolve(channels_last(x), u, padding, transforms, bias, relu)
     cache = WinogradCache(x, weight, tuple(x.shape), y.shape[1:3], padding, tile, bias is not None)
     return y.transpose(0, 3, 1, 2), cache
 
