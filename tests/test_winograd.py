@@ -261,6 +261,12 @@ def test_algorithms_agree(tile, padding, rng, restore_algorithm):
         results[algorithm] = (y,) + algorithms.conv2d_backward(dy, cache)
     for ours, ref in zip(results["winograd"], results["im2col"]):
         assert rel_err(ours, ref) < 1e-12
+    nr.functional.set_conv_algorithm("winograd", winograd_tile=tile)
+    y_relu, _ = algorithms.conv2d_forward(x, weight, bias, 1, padding, relu=True)
+    nr.functional.set_conv_algorithm("im2col")
+    y_relu_ref, _ = algorithms.conv2d_forward(x, weight, bias, 1, padding, relu=True)
+    assert rel_err(y_relu, np.maximum(results["im2col"][0], 0)) < 1e-12
+    assert rel_err(y_relu_ref, np.maximum(results["im2col"][0], 0)) == 0
 
 
 def test_other_convolutions_take_im2col(rng, restore_algorithm):

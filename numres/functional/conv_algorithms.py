@@ -191,11 +191,13 @@ def measure_conv_algorithms(x, weight, bias, padding, ops=None, repeats=1):
     return seconds
 
 
-def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, ops=None, **options):
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, ops=None, relu=False,
+                   **options):
     """:func:`numres.functional.conv.conv2d_forward` by the algorithm :func:`choose_conv_algorithm` picks.
 
     ``ops`` is the op namespace of the caller's backend (:func:`numres.functional.ops_for`), so a
-    registered kernel (CUDA) computes the im2col path; by default the generic op does.  Under
+    registered kernel (CUDA) computes the im2col path; by default the generic op does.
+    ``relu=True`` returns ``max(y, 0)`` (Winograd applies it in its output pass).  Under
     ``set_conv_algorithm("auto", benchmark=True)`` the first forward of a new layer shape times
     both algorithms first (:func:`measure_conv_algorithms`).
     """
@@ -212,9 +214,12 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     if choose_conv_algorithm(x.shape, weight.shape, stride, padding, dilation, groups, xp_of(x),
                              padding_mode) == "winograd":
         return winograd_conv2d_forward(x, weight, bias, stride, winograd_padding(padding), dilation, groups,
-                                       tile=get_winograd_tile())
+                                       tile=get_winograd_tile(), relu=relu)
     forward = im2col_conv.conv2d_forward if ops is None else ops.conv2d_forward
-    return forward(x, weight, bias, stride, padding, dilation, groups, **options)
+    y, cache = forward(x, weight, bias, stride, padding, dilation, groups, **options)
+    if relu:
+        xp_of(y).maximum(y, 0, out=y)
+    return y, cache
 
 
 def algorithm_of(cache) -> str:
