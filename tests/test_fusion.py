@@ -296,7 +296,6 @@ def test_switch_and_its_errors():
 def test_conv_bias_relu_forward_matches_torch_in_small_chunks(monkeypatch, shape, kernel, stride, padding, groups,
                                                               relu, with_bias):
     monkeypatch.setattr(C, "WORKSPACE_ELEMENTS", 300)          # several image chunks
-    monkeypatch.setattr(fused, "EPILOGUE_ELEMENTS", 64)        # several row blocks for 1x1
     x = RNG.standard_normal(shape).transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)   # channels-last
     weight = RNG.standard_normal((12, shape[1] // groups, *kernel))
     bias = RNG.standard_normal(12) if with_bias else None

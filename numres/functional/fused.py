@@ -36,8 +36,6 @@ from ..parallel import TILE_ELEMENTS, map_tiles
 from . import conv as C
 from .batchnorm import channel_tile, fit
 
-EPILOGUE_ELEMENTS = 1 << 19     # output elements per GEMM call of a 1x1 convolution (2 MiB of float32)
-
 
 # --- folding ---------------------------------------------------------------------------------------
 
@@ -123,12 +121,6 @@ def folded_conv_bn_backward(g, cache: FoldedConvCache, conv_backward, need_input
 
 # --- the convolution with its output pass fused ------------------------------------------------------
 
-def _row_blocks(rows, out_channels):
-    """Slices of ``rows`` output rows of at most :data:`EPILOGUE_ELEMENTS` elements each."""
-    step = max(1, EPILOGUE_ELEMENTS // max(1, out_channels))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-
-
 def conv2d_bias_relu_forward(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
                              relu=False):
     """im2col convolution whose output pass adds ``bias`` and applies ReLU chunk by chunk -> ``(y, cache)``.
@@ -136,7 +128,10 @@ def conv2d_bias_relu_forward(x, weight, bias=None, stride=(1, 1), padding=(0, 0)
     The same GEMMs as :func:`numres.functional.conv.conv2d_forward` (whose cache this returns,
     so its backward applies), but each chunk of GEMM output gets ``max(y + bias, 0)`` right after
     the GEMM wrote it, while it is still in cache, instead of in one more pass over ``y``.  A 1x1
-    stride-1 convolution (one GEMM on the input itself) is cut into blocks of output rows for this.
+    stride-1 convolution is one GEMM on the input itself, followed by one tiled pass: cutting its
+    GEMM into blocks of rows, so that each block's output is still in cache, measured slower
+    (each block streams the whole weight matrix again; ResNet-50, batch 8, 224x224: 495-508 ms
+    with 2 MiB blocks against 476-487 ms unblocked).
     ``padding`` is the symmetric zero padding ``(ph, pw)``.
     """
     xp = xp_of(x)
@@ -165,18 +160,11 @@ def conv2d_bias_relu_forward(x, weight, bias=None, stride=(1, 1), padding=(0, 0)
         if bias is not None or relu:
             map_tiles(finish, rows.shape[0], out_channels, xp)
 
-    one_by_one = (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0)
-    if one_by_one:
-        x_rows = C.im2col(x, (1, 1), stride, padding, dilation, groups)[0]        # the input itself
-        for block in _row_blocks(n * pixels, out_channels):
-            C.group_matmul(x_rows[:, block], matrix, out=y_groups[block].transpose(1, 0, 2))
-            epilogue(block)
-    else:
-        for images in C.image_chunks(x.shape, (kh, kw), stride, padding, out_hw):
-            cols, _ = C.im2col(x[images], (kh, kw), stride, padding, dilation, groups)
-            block = slice(images.start * pixels, images.stop * pixels)
-            C.group_matmul(cols, matrix, out=y_groups[block].transpose(1, 0, 2))
-            epilogue(block)
+    for images in C.image_chunks(x.shape, (kh, kw), stride, padding, out_hw):
+        cols, _ = C.im2col(x[images], (kh, kw), stride, padding, dilation, groups)
+        block = slice(images.start * pixels, images.stop * pixels)
+        C.group_matmul(cols, matrix, out=y_groups[block].transpose(1, 0, 2))
+        epilogue(block)
     y = y.reshape(n, out_hw[0], out_hw[1], out_channels).transpose(0, 3, 1, 2)
     cache = C.ConvCache(x, weight, tuple(x.shape), out_hw, (kh, kw), tuple(stride), tuple(padding),
                         tuple(dilation), groups, bias is not None)
