@@ -120,11 +120,9 @@ def folded_forward(conv, bn, x, relu=False):
     if algorithm == "im2col" and xp.__name__ == "numpy":
         y, conv_cache = conv2d_bias_relu_forward(x, folded.weight, folded.bias, conv.stride, padding,
                                                     conv.dilation, conv.groups, relu=relu)
-    else:   # Winograd, or a GPU's registered kernel: the bias goes in the convolution, the ReLU after it
+    else:   # Winograd (bias and ReLU in its output pass), or a GPU's registered kernel
         y, conv_cache = conv_algorithms.conv2d_forward(x, folded.weight, folded.bias, conv.stride, padding,
-                                                       conv.dilation, conv.groups, ops=conv.ops)
-        if relu:
-            xp.maximum(y, 0, out=y)
+                                                       conv.dilation, conv.groups, ops=conv.ops, relu=relu)
     conv_bias = None if conv.bias is None else conv.bias.data
     conv.save_for_backward(FoldedConvCache(conv_cache, conv.weight.data, folded.scale, folded.invstd, folded.mean,
                                            conv_bias, conv_algorithms.algorithm_of(conv_cache), bn.weight, bn.bias))
