@@ -61,6 +61,17 @@ def _ctypes_limit(count: int):
         set_(before)
 
 
+_CONTROLS = []          # the (get, set) pair of the loaded OpenBLAS, found once
+
+
+def current_blas_threads():
+    """How many threads NumPy's OpenBLAS uses now (one ctypes call), or None when it cannot be told."""
+    if not _CONTROLS:
+        _CONTROLS.append(_openblas_controls())
+    controls = _CONTROLS[0]
+    return None if controls is None else int(controls[0]())
+
+
 def blas_threads(count: int):
     """A context in which NumPy's BLAS uses ``count`` threads (threadpoolctl, else OpenBLAS through ctypes)."""
     if count < 1:

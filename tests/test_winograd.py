@@ -287,9 +287,21 @@ def test_other_convolutions_take_im2col(rng, restore_algorithm):
 
 
 def test_auto_rule(restore_algorithm):
-    """The measured rule: ResNet's 3x3 layers at batch 8 and 224x224 take Winograd except at 7x7."""
+    """The measured rule: with one BLAS thread, ResNet's 3x3 layers at batch 8 and 224x224 take Winograd except
+    at 7x7; with more BLAS threads every layer keeps im2col (Winograd's passes use one core)."""
+    from numres.blas import blas_threads, current_blas_threads
+    if current_blas_threads() is None:
+        pytest.skip("NumPy's BLAS here is not an OpenBLAS whose thread count numres can read")
     choose = nr.functional.choose_conv_algorithm
     nr.functional.set_conv_algorithm("auto")
+    with blas_threads(2):
+        for c, side in [(64, 56), (128, 28), (256, 14)]:
+            assert choose((8, c, side, side), (c, c, 3, 3), 1, 1) == "im2col", (c, side)
+    with blas_threads(1):
+        _auto_rule_on_one_thread(choose)
+
+
+def _auto_rule_on_one_thread(choose):
     for c, side in [(64, 56), (128, 28), (256, 14)]:
         assert choose((8, c, side, side), (c, c, 3, 3), 1, 1) == "winograd", (c, side)
     assert choose((8, 512, 7, 7), (512, 512, 3, 3), 1, 1) == "im2col"           # 8x8 of tiles for 7x7

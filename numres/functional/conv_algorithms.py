@@ -35,6 +35,15 @@ im2col + GEMM, for C -> C channels at side x side pixels and batch N::
     32 at 16, N=32     1.00 / 0.70
     64 at 8, N=32      0.95 / 0.67
 
+These were one-thread measurements, and that is where Winograd wins: its transforms are
+single-threaded NumPy passes and its 16 small GEMMs thread poorly.  With the two BLAS threads of a
+2-core Xeon (AVX-512, OpenBLAS SkylakeX kernel, a quiet machine, median of 5), forward / backward
+relative to im2col + GEMM at N=8 were 2.16/1.80 (64 at 56), 1.48/1.56 (128 at 28), 1.34/1.37 (256 at
+14) and 1.27/1.20 (512 at 7), against 0.97/0.98, 0.90/0.92, 0.94/0.95 and 1.10/1.08 on one thread in
+the same run.  So "auto" considers Winograd only while NumPy's BLAS runs on one thread
+(:func:`numres.blas.current_blas_threads`), as in ``numres train --threads 1`` or one rank per core
+under MPI; with more threads it keeps im2col.
+
 F(4,3) never beat F(2,3) (0.70-0.82x, 0.70-0.78x, 1.19-1.27x, 1.76-1.88x on the first, second,
 third and 512-at-7 layers).  So "auto" takes F(2,3) (:func:`auto_prefers_winograd`) where both
 channel counts are at least 16, the batch has at least 512 output pixels (N*OH*OW) to spread the
@@ -60,6 +69,7 @@ import time
 import numpy as np
 
 from ..backend import xp_of
+from ..blas import current_blas_threads
 from . import conv as im2col_conv
 from .winograd import WinogradCache, transforms_for, winograd_applies, winograd_conv2d_backward, \
     winograd_conv2d_forward
@@ -145,8 +155,8 @@ def choose_conv_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1
     if _setting["benchmark"] and key in _measured:
         return _measured[key]
     out_hw = (x_shape[2] + 2 * pads[0] - 2, x_shape[3] + 2 * pads[1] - 2)
-    winograd = xp is np and auto_prefers_winograd(x_shape[0], weight_shape[1], weight_shape[0], out_hw,
-                                                   get_winograd_tile())
+    winograd = xp is np and current_blas_threads() == 1 and \
+        auto_prefers_winograd(x_shape[0], weight_shape[1], weight_shape[0], out_hw, get_winograd_tile())
     return "winograd" if winograd else "im2col"
 
 
