@@ -19,7 +19,7 @@ import torch
 
 import numres as nr
 import numres.functional.winograd as W
-from conftest import TORCH_DTYPE, assert_close, rel_err
+from conftest import TOL, TORCH_DTYPE, assert_close, rel_err
 from numres.functional import conv as im2col_conv
 from numres.functional import conv_algorithms as algorithms
 from numres.functional.winograd import winograd_conv2d_backward, winograd_conv2d_forward
@@ -429,3 +429,45 @@ def test_registered_kernels_still_run_the_im2col_path(rng, restore_algorithm):
         assert calls == ["forward", "forward"]
     finally:
         nr.functional.unregister_kernel("numpy", "conv2d_forward")
+
+
+# --- whole models: numres.nn.Conv2d dispatches through set_conv_algorithm -----------------------------
+
+
+def test_conv2d_module_uses_the_chosen_algorithm(rng, restore_algorithm):
+    conv = nr.nn.Conv2d(3, 4, 3, padding=1, dtype="float64")
+    x = rng.standard_normal((2, 3, 6, 5))
+    for algorithm in ("winograd", "im2col"):
+        nr.functional.set_conv_algorithm(algorithm)
+        conv(x)
+        assert algorithms.algorithm_of(conv.saved_cache()) == algorithm
+        conv.backward(rng.standard_normal((2, 4, 6, 5)))
+
+
+def test_conv2d_module_gradcheck_under_winograd(rng, restore_algorithm):
+    """nr.gradcheck (central differences, float64) on a Conv2d computed by Winograd F(2,3) and F(4,3)."""
+    x = rng.standard_normal((2, 3, 7, 6))
+    for tile in TILES:
+        nr.functional.set_conv_algorithm("winograd", winograd_tile=tile)
+        conv = nr.nn.Conv2d(3, 4, 3, padding=1, dtype="float64")
+        conv(x)
+        assert algorithms.algorithm_of(conv.saved_cache()) == "winograd"
+        result = nr.gradcheck(conv, x)
+        assert result.passed(1e-6), str(result)
+
+
+@pytest.mark.parametrize("dtype, train", [("float64", True), ("float32", False)])
+def test_resnet18_under_winograd_matches_torch(dtype, train, restore_algorithm, monkeypatch):
+    """ResNet-18 with every 3x3 stride-1 layer on Winograd: logits, dL/dx, every parameter gradient and
+    the BN buffers against PyTorch in float64 (1e-10 in float64, 1e-4 in float32)."""
+    import torch_reference as R
+    from test_resnet import assert_all_below, batch, make_pair
+    calls = []
+    real = algorithms.winograd_conv2d_forward
+    monkeypatch.setattr(algorithms, "winograd_conv2d_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    nr.functional.set_conv_algorithm("winograd")
+    model, reference = make_pair("resnet18", dtype, train, torch_dtype="float64")
+    x, upstream = batch(dtype)
+    errors = R.model_parity(model, reference, x, upstream)
+    assert len(calls) == 13                    # every 3x3 stride-1 convolution of ResNet-18
+    assert_all_below(errors, TOL[dtype])

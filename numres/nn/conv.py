@@ -1,4 +1,5 @@
-"""Conv2d: a thin stateful wrapper over :mod:`numres.functional.conv`."""
+"""Conv2d: a thin stateful wrapper over :mod:`numres.functional.conv` (im2col) and, for 3x3
+stride-1 layers, :mod:`numres.functional.winograd`, as :func:`numres.functional.set_conv_algorithm` chooses."""
 from __future__ import annotations
 
 import functools
@@ -70,11 +71,11 @@ class Conv2d(Module):
         weight, bias = self.weight.data, None if self.bias is None else self.bias.data
         plain_padding = self._plain_padding()
         if plain_padding is not None:
-            y, cache = self.ops.conv2d_forward(x, weight, bias, self.stride, plain_padding, self.dilation,
-                                               self.groups)
+            y, cache = conv_algorithms.conv2d_forward(x, weight, bias, self.stride, plain_padding, self.dilation,
+                                                      self.groups, ops=self.ops)
         else:   # "same" with an odd total, or a non-zero padding mode: padded explicitly first
-            y, cache = self.ops.conv2d_forward(x, weight, bias, self.stride, self.padding, self.dilation,
-                                               self.groups, padding_mode=self.padding_mode)
+            y, cache = conv_algorithms.conv2d_forward(x, weight, bias, self.stride, self.padding, self.dilation,
+                                                      self.groups, padding_mode=self.padding_mode, ops=self.ops)
         self.save_for_backward(cache)
         return y
 
@@ -83,10 +84,11 @@ class Conv2d(Module):
         if isinstance(self.saved_cache(), FoldedConvCache):
             return self._folded_backward(grad_output, need_input_grad)
         if self.weight.requires_grad:
-            dx, dweight, dbias = self.ops.conv2d_backward(grad_output, self.saved_cache(), need_input_grad)
+            dx, dweight, dbias = conv_algorithms.conv2d_backward(grad_output, self.saved_cache(), need_input_grad,
+                                                                 ops=self.ops)
         else:
-            dx, dweight, dbias = self.ops.conv2d_backward(grad_output, self.saved_cache(), need_input_grad,
-                                                          need_weight_grad=False)
+            dx, dweight, dbias = conv_algorithms.conv2d_backward(grad_output, self.saved_cache(), need_input_grad,
+                                                                 need_weight_grad=False, ops=self.ops)
             if self.bias is not None and self.bias.requires_grad:
                 dbias = F.conv2d_bias_backward(grad_output)
         self.weight.accumulate_grad(dweight)
