@@ -35,8 +35,11 @@ im2col + GEMM, for C -> C channels at side x side pixels and batch N::
     32 at 16, N=32     1.00 / 0.70
     64 at 8, N=32      0.95 / 0.67
 
-These were one-thread measurements, and that is where Winograd wins: its transforms are
-single-threaded NumPy passes and its 16 small GEMMs thread poorly.  With the two BLAS threads of a
+These were one-thread measurements, and that is where Winograd wins: its transforms are split
+over threads (map_tiles), but as NumPy calls of about 64K elements, and calls that small measured
+no faster on two threads than on one here (256K-element calls did: 25 -> 14 ms); runs of 1M
+transformed elements instead of 256K brought two-thread Winograd to 1.29/1.11 (64 at 56),
+1.07/1.07 (128 at 28) and 0.90/0.90 (256 at 14) in a later quiet run.  With the two BLAS threads of a
 2-core Xeon (AVX-512, OpenBLAS SkylakeX kernel, a quiet machine, median of 5), forward / backward
 relative to im2col + GEMM at N=8 were 2.16/1.80 (64 at 56), 1.48/1.56 (128 at 28), 1.34/1.37 (256 at
 14) and 1.27/1.20 (512 at 7), against 0.97/0.98, 0.90/0.92, 0.94/0.95 and 1.10/1.08 on one thread in
