@@ -288,7 +288,7 @@ def test_other_convolutions_take_im2col(rng, restore_algorithm):
 
 def test_auto_rule(restore_algorithm):
     """The measured rule: with one BLAS thread, ResNet's 3x3 layers at batch 8 and 224x224 take Winograd except
-    at 7x7; with more BLAS threads every layer keeps im2col (Winograd's passes use one core)."""
+    at 7x7; with more BLAS threads every layer keeps im2col (Winograd's transforms gain little from a second thread)."""
     from numres.blas import blas_threads, current_blas_threads
     if current_blas_threads() is None:
         pytest.skip("NumPy's BLAS here is not an OpenBLAS whose thread count numres can read")
