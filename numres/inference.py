@@ -75,21 +75,20 @@ def _from_training_checkpoint(path, model_name, backend) -> Classifier:
     model.load_state_dict(state["model"])
     model.eval()
     mean, std = np.asarray(state["mean"], np.float64), np.asarray(state["std"], np.float64)
+    from .data import eval_resize, transforms
+    if config["dataset"] == "folder":       # the run's own evaluation transform: resize, central crop, normalise
+        transform = transforms.eval_transform(eval_resize(shape[2]), shape[2], mean, std)
+    else:                                   # the whole image at the dataset's size, normalised in float64
+        transform = transforms.Compose([transforms.Resize((shape[1], shape[2]), draft=False),
+                                        transforms.ToArray("float64"), transforms.Normalize(mean, std)])
+    mode = "L" if shape[0] == 1 else "RGB"
 
     def preprocess(image_path):
-        pixels = _read_pixels(image_path, shape[0], (shape[2], shape[1]))           # (H, W, C) in [0, 1]
-        x = ((pixels - mean) / std).transpose(2, 0, 1)
+        with _open_image(image_path) as image:
+            x = transform(image.convert(mode))
         if channels != x.shape[0]:
             x = np.broadcast_to(x, (channels,) + x.shape[1:])
         return np.ascontiguousarray(x, dtype=model.dtype)
-
-    if config["dataset"] == "folder":       # the run's own evaluation transform: resize, central crop, normalise
-        from .data import eval_resize, transforms
-        folder_transform = transforms.eval_transform(eval_resize(shape[2]), shape[2], mean, std)
-
-        def preprocess(image_path):         # noqa: F811  (folder runs see what their validation images saw)
-            with imagenet._pillow().open(image_path) as image:
-                return folder_transform(image.convert("RGB")).astype(model.dtype)
 
     described = (f"{config['model']} trained on {config['dataset']} for {_epochs(int(state['epoch']))} "
                  f"({path}); images resized to {shape[2]}x{shape[1]}"
@@ -129,19 +128,16 @@ def _epochs(count: int) -> str:
     return f"{count} epoch{'' if count == 1 else 's'}"
 
 
-def _read_pixels(path, channels: int, size: tuple) -> np.ndarray:
-    """The image at ``path`` as ``(H, W, channels)`` float64 in [0, 1], resized to ``size`` (width, height)."""
+def _open_image(path):
+    """The Pillow image at ``path``, opened (FileNotFoundError, or ValueError when Pillow cannot read it)."""
     Image = imagenet._pillow()
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such image: {path}")
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB").resize(size, Image.BILINEAR)
-            pixels = np.asarray(image, dtype=np.float64) / 255.0
+        return Image.open(path)
     except Image.UnidentifiedImageError as exc:
         raise ValueError(f"{path} is not an image Pillow can read") from exc
-    return pixels[:, :, None] if pixels.ndim == 2 else pixels
 
 
 def classify(classifier: Classifier, image_paths, top: int = 5) -> list:
