@@ -64,7 +64,32 @@ class ImageDataset:
         return pixels.mean(axis=(0, 2, 3)), pixels.std(axis=(0, 2, 3))
 
 
-class DataLoader:
+class BatchLoader:
+    """What :class:`DataLoader` and :class:`~numres.data.ImageLoader` share: ``len()`` in batches
+    (the last one partial unless ``drop_last``), the backend's array module, and iteration
+    as one epoch of ``batches()``."""
+
+    @staticmethod
+    def check_sizes(dataset, batch_size, drop_last) -> None:
+        """A non-empty dataset, and with ``drop_last`` at least one full batch of it."""
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty")
+        if drop_last and batch_size > len(dataset):
+            raise ValueError(f"batch size {batch_size} is larger than the dataset ({len(dataset)} images)")
+
+    @property
+    def xp(self):
+        return B.get_xp(self.backend)
+
+    def __len__(self):
+        count = len(self.dataset) / self.batch_size
+        return math.floor(count) if self.drop_last else math.ceil(count)
+
+    def __iter__(self):
+        return self.batches()
+
+
+class DataLoader(BatchLoader):
     """Iterate ``(x, y)`` batches: ``x`` float ``(B, C, H, W)`` and ``y`` int64 ``(B,)``, both on ``backend``.
 
     ``crop_padding`` > 0 turns on random crops, ``flip`` random horizontal flips.
@@ -77,10 +102,7 @@ class DataLoader:
                  dtype="float32"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if len(dataset) == 0:
-            raise ValueError("the dataset is empty")
-        if drop_last and batch_size > len(dataset):
-            raise ValueError(f"batch size {batch_size} is larger than the dataset ({len(dataset)} images)")
+        self.check_sizes(dataset, batch_size, drop_last)
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         if channels is not None and channels != dataset.channels and dataset.channels != 1:
@@ -101,14 +123,6 @@ class DataLoader:
         self._images = B.asarray(dataset.images, backend)
         self._labels = B.asarray(dataset.labels.astype(np.int64), backend)
 
-    @property
-    def xp(self):
-        return B.get_xp(self.backend)
-
-    def __len__(self):
-        count = len(self.dataset) / self.batch_size
-        return math.floor(count) if self.drop_last else math.ceil(count)
-
     # --- randomness ---------------------------------------------------------------------------------
 
     def get_rng_state(self) -> dict:
@@ -126,9 +140,6 @@ class DataLoader:
         return order, offsets, flips
 
     # --- batches ------------------------------------------------------------------------------------
-
-    def __iter__(self):
-        return self.batches()
 
     def batches(self, start: int = 0):
         """One epoch's batches, skipping the first ``start`` (the plan is drawn in full either way)."""

@@ -36,7 +36,6 @@ or garbage collection, or interpreter exit) stops them and frees the shared memo
 from __future__ import annotations
 
 import copy
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -50,6 +49,7 @@ import numpy as np
 
 from .. import backend as B
 from .imagefolder import BadImageError
+from .loader import BatchLoader
 from .transforms import Compose, Normalize, ToArray, to_uint8_pixels
 
 POLL_SECONDS = 0.05          # how often a waiting main process looks at its workers when nothing arrives
@@ -189,7 +189,7 @@ def _describe_exit(code) -> str:
 
 # --- the loader ---------------------------------------------------------------------------------------
 
-class ImageLoader:
+class ImageLoader(BatchLoader):
     """``(x, y)`` batches of ``dataset`` on ``backend``, decoded by ``num_workers`` processes.
 
     ``x`` is float ``(B, C, H, W)`` (``dtype``) when the dataset's transform ends with
@@ -208,10 +208,7 @@ class ImageLoader:
             raise ValueError(f"prefetch must be a positive int, got {prefetch!r}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        if len(dataset) == 0:
-            raise ValueError("the dataset is empty")
-        if drop_last and batch_size > len(dataset):
-            raise ValueError(f"batch size {batch_size} is larger than the dataset ({len(dataset)} images)")
+        self.check_sizes(dataset, batch_size, drop_last)
         self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, batch_size, shuffle, drop_last
         self.seed, self.epoch = int(seed), 0
         self.num_workers, self.prefetch = num_workers, prefetch
@@ -239,14 +236,6 @@ class ImageLoader:
                 return view, to_array, normalize
         return dataset, None, None
 
-    @property
-    def xp(self):
-        return B.get_xp(self.backend)
-
-    def __len__(self):
-        count = len(self.dataset) / self.batch_size
-        return math.floor(count) if self.drop_last else math.ceil(count)
-
     # --- randomness: the whole state is (seed, epoch) --------------------------------------------------
 
     def get_rng_state(self) -> dict:
@@ -259,9 +248,6 @@ class ImageLoader:
         self.epoch = int(epoch)
 
     # --- iteration -------------------------------------------------------------------------------------
-
-    def __iter__(self):
-        return self.batches()
 
     def batches(self, start: int = 0):
         """The next epoch's batches, skipping its first ``start``."""
