@@ -248,7 +248,8 @@ def restore_algorithm():
 @pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("padding", [0, 1, "same", "valid"])
 def test_algorithms_agree(tile, padding, rng, restore_algorithm):
-    """im2col and Winograd, chosen through set_conv_algorithm, agree on y, dx, dweight and dbias."""
+    """im2col and Winograd, chosen through set_conv_algorithm, agree with PyTorch and with each other on y, dx,
+    dweight and dbias."""
     x, weight, bias, _ = random_case(rng, 2, 3, 5, 9, 7, 1)
     x, weight = channels_last(x), stored_weight(weight)
     results = {}
@@ -259,6 +260,8 @@ def test_algorithms_agree(tile, padding, rng, restore_algorithm):
         assert algorithms.algorithm_of(cache) == algorithm
         dy = np.random.default_rng(5).standard_normal(y.shape)
         results[algorithm] = (y,) + algorithms.conv2d_backward(dy, cache)
+    for ours, ref in zip(results["winograd"], torch_conv(x, weight, bias, padding, dy)):
+        assert_close(ours, ref, "float64", f"F({tile},3) padding={padding!r}")
     for ours, ref in zip(results["winograd"], results["im2col"]):
         assert rel_err(ours, ref) < 1e-12
     nr.functional.set_conv_algorithm("winograd", winograd_tile=tile)

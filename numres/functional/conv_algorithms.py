@@ -71,7 +71,7 @@ import time
 
 import numpy as np
 
-from ..backend import xp_of
+from ..backend import backend_of, synchronize, xp_of
 from ..blas import current_blas_threads
 from . import conv as im2col_conv
 from .winograd import WinogradCache, transforms_for, winograd_applies, winograd_conv2d_backward, \
@@ -131,26 +131,29 @@ def winograd_padding(padding, padding_mode="zeros"):
     """The (ph, pw) zero padding of a 3x3 stride-1 layer, or None where Winograd cannot apply it."""
     if padding_mode != "zeros":
         return None
-    if padding == "same":
-        return (1, 1)
-    if padding == "valid":
-        return (0, 0)
-    if isinstance(padding, (int, np.integer)):
-        return (int(padding), int(padding))
-    if isinstance(padding, (tuple, list)) and len(padding) == 2 and \
-            all(isinstance(p, (int, np.integer)) for p in padding):
-        return int(padding[0]), int(padding[1])
-    return None
+    try:
+        (top, bottom), (left, right) = im2col_conv.conv_padding(padding, (3, 3), (1, 1), (1, 1))
+    except (TypeError, ValueError):
+        return None                                   # the im2col path names the problem
+    return (top, left) if (top, left) == (bottom, right) else None
+
+
+def _winograd_pads(x_shape, weight_shape, stride, padding, dilation, groups, padding_mode):
+    """The (ph, pw) padding when Winograd can compute this convolution (a non-empty batch), else None."""
+    pads = winograd_padding(padding, padding_mode)
+    if pads is None or len(x_shape) != 4 or x_shape[0] == 0:
+        return None
+    return pads if winograd_applies(x_shape, weight_shape, stride, pads, dilation, groups) else None
 
 
 def choose_conv_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, xp=np,
                           padding_mode="zeros") -> str:
     """``"winograd"`` or ``"im2col"``: what the current setting computes this convolution with."""
     setting = get_conv_algorithm()
-    pads = winograd_padding(padding, padding_mode)
-    if setting == "im2col" or pads is None or len(x_shape) != 4 or x_shape[0] == 0:
+    if setting == "im2col":
         return "im2col"
-    if not winograd_applies(x_shape, weight_shape, stride, pads, dilation, groups):
+    pads = _winograd_pads(x_shape, weight_shape, stride, padding, dilation, groups, padding_mode)
+    if pads is None:
         return "im2col"
     if setting == "winograd":
         return "winograd"
@@ -175,16 +178,9 @@ def _shape_key(x_shape, weight_shape, pads, xp):
     return (id(xp), tuple(x_shape), tuple(weight_shape), pads, _setting["winograd_tile"])
 
 
-def _synchronize(xp):
-    """Wait for the GPU (CuPy) so that a timing covers the work; nothing on the CPU."""
-    device = getattr(getattr(xp, "cuda", None), "Device", None)
-    if device is not None:
-        device().synchronize()
-
-
 def measure_conv_algorithms(x, weight, bias, padding, ops=None, repeats=1):
     """Seconds for forward + backward of each algorithm on this input (after one warm-up run each)."""
-    xp = xp_of(x)
+    backend = backend_of(x)
     forward = im2col_conv.conv2d_forward if ops is None else ops.conv2d_forward
     backward = im2col_conv.conv2d_backward if ops is None else ops.conv2d_backward
     runs = {
@@ -195,11 +191,11 @@ def measure_conv_algorithms(x, weight, bias, padding, ops=None, repeats=1):
     seconds = {}
     for name, run in runs.items():
         run()
-        _synchronize(xp)
+        synchronize(backend)
         start = time.perf_counter()
         for _ in range(repeats):
             run()
-        _synchronize(xp)
+        synchronize(backend)
         seconds[name] = (time.perf_counter() - start) / repeats
     return seconds
 
@@ -215,23 +211,21 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     both algorithms first (:func:`measure_conv_algorithms`).
     """
     padding_mode = options.get("padding_mode", "zeros")
+    xp = xp_of(x)
     if _setting["algorithm"] == "auto" and _setting["benchmark"]:
-        pads = winograd_padding(padding, padding_mode)
-        xp = xp_of(x)
-        if pads is not None and x.ndim == 4 and x.shape[0] and \
-                winograd_applies(x.shape, weight.shape, stride, pads, dilation, groups):
-            key = _shape_key(x.shape, weight.shape, pads, xp)
-            if key not in _measured:
-                seconds = measure_conv_algorithms(x, weight, bias, pads, ops)
-                _measured[key] = min(seconds, key=seconds.get)
-    if choose_conv_algorithm(x.shape, weight.shape, stride, padding, dilation, groups, xp_of(x),
+        pads = _winograd_pads(x.shape, weight.shape, stride, padding, dilation, groups, padding_mode)
+        key = None if pads is None else _shape_key(x.shape, weight.shape, pads, xp)
+        if key is not None and key not in _measured:
+            seconds = measure_conv_algorithms(x, weight, bias, pads, ops)
+            _measured[key] = min(seconds, key=seconds.get)
+    if choose_conv_algorithm(x.shape, weight.shape, stride, padding, dilation, groups, xp,
                              padding_mode) == "winograd":
         return winograd_conv2d_forward(x, weight, bias, stride, winograd_padding(padding), dilation, groups,
                                        tile=get_winograd_tile(), relu=relu)
     forward = im2col_conv.conv2d_forward if ops is None else ops.conv2d_forward
     y, cache = forward(x, weight, bias, stride, padding, dilation, groups, **options)
     if relu:
-        xp_of(y).maximum(y, 0, out=y)
+        xp.maximum(y, 0, out=y)
     return y, cache
 
 

@@ -46,6 +46,7 @@ an elementwise pass over V).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -359,21 +360,18 @@ def images_per_chunk(n, per_image_elements, xp=np):
     return max(1, min(n, workspace // max(1, per_image_elements)))
 
 
-def buffer_view(xp, buffer, shape, dtype):
-    """A contiguous array of ``shape`` at the start of the flat ``buffer`` (a new one if None)."""
-    size = int(np.prod(shape))
-    if buffer is None:
-        return xp.empty(shape, dtype=dtype)
-    return buffer[:size].reshape(shape)
+def buffer_view(buffer, shape):
+    """A contiguous array of ``shape`` at the start of the flat ``buffer`` (the chunks of a layer reuse it)."""
+    return buffer[:math.prod(shape)].reshape(shape)
 
 
-def input_tiles(xp, x_nhwc, images, padding, out_hw, transforms, buffer=None):
+def input_tiles(xp, x_nhwc, images, padding, out_hw, transforms, buffer):
     """``V = B^T d B`` for the tiles of some images: (a, a, images, tiles_h, tiles_w, C), written
-    into the flat ``buffer`` when one is given (the chunks of a layer reuse it)."""
+    into the flat ``buffer``."""
     m, a = transforms.tile, transforms.size
     tiles_h, tiles_w = tile_grid(out_hw, m)
     count, c = images.stop - images.start, x_nhwc.shape[3]
-    v = buffer_view(xp, buffer, (a, a, count, tiles_h, tiles_w, c), x_nhwc.dtype)
+    v = buffer_view(buffer, (a, a, count, tiles_h, tiles_w, c))
 
     def transform(rows):
         for run, first, stop in tile_row_runs(rows, tiles_h):
@@ -384,12 +382,13 @@ def input_tiles(xp, x_nhwc, images, padding, out_hw, transforms, buffer=None):
     return v
 
 
-def output_tile_gradients(xp, dy_nhwc, images, transforms, buffer=None):
-    """``dM = A dY A^T`` for the output tiles of some images: (a, a, images, tiles_h, tiles_w, O)."""
+def output_tile_gradients(xp, dy_nhwc, images, transforms, buffer):
+    """``dM = A dY A^T`` for the output tiles of some images: (a, a, images, tiles_h, tiles_w, O), written
+    into the flat ``buffer``."""
     m, a = transforms.tile, transforms.size
     tiles_h, tiles_w = tile_grid(dy_nhwc.shape[1:3], m)
     count, o = images.stop - images.start, dy_nhwc.shape[3]
-    dm = buffer_view(xp, buffer, (a, a, count, tiles_h, tiles_w, o), dy_nhwc.dtype)
+    dm = buffer_view(buffer, (a, a, count, tiles_h, tiles_w, o))
     a_matrix = transposed(transforms.AT)                                # A, (a, m)
 
     def transform(rows):
@@ -421,7 +420,7 @@ def winograd_convolve(x_nhwc, u, padding, transforms, bias=None, relu=False):
         count = images.stop - images.start
         tiles = count * tiles_h * tiles_w
         v = input_tiles(xp, x_nhwc, images, padding, out_hw, transforms, v_buffer)
-        products = buffer_view(xp, products_buffer, (a * a, tiles, o), x_nhwc.dtype)
+        products = buffer_view(products_buffer, (a * a, tiles, o))
         xp.matmul(v.reshape(a * a, tiles, c), u, out=products)       # the a*a GEMMs in one call
         blocks = products.reshape(a, a, count, tiles_h, tiles_w, o)
         target = y[images]
