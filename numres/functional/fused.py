@@ -100,16 +100,17 @@ def folded_conv_bn_backward(g, cache: FoldedConvCache, conv_backward, need_input
                                           need_bias_grad=False)
     if not need_weight:
         return dx, None, None, None, None
-    sum_g = g.sum(axis=(0, 2, 3))
+    has_bias = cache.conv_bias is not None
+    sum_g = g.sum(axis=(0, 2, 3)) if need_bn_grads or has_bias else None     # a pass over g: only when used
     dweight = dconv_bias = dgamma = dbeta = None
     if need_conv_grads:
         dweight = dweight_folded * cache.scale[:, None, None, None]
-        if cache.conv_bias is not None:
+        if has_bias:
             dconv_bias = cache.scale * sum_g
     if need_bn_grads:
         # sum over pixels of g * z, per output channel, from the folded weight's gradient.
         g_dot_z = (cache.weight * dweight_folded).sum(axis=(1, 2, 3))
-        if cache.conv_bias is not None:
+        if has_bias:
             g_dot_z += cache.conv_bias * sum_g
         dgamma = cache.invstd * (g_dot_z - cache.mean * sum_g)
         dbeta = sum_g

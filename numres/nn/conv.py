@@ -81,16 +81,12 @@ class Conv2d(Module):
 
     def backward(self, grad_output, need_input_grad=True):
         """dL/dx; accumulates the gradients of the weight and bias, skipping the GEMM of a frozen weight."""
-        if isinstance(self.saved_cache(), FoldedConvCache):
+        cache = self.saved_cache()
+        if isinstance(cache, FoldedConvCache):
             return self._folded_backward(grad_output, need_input_grad)
-        if self.weight.requires_grad:
-            dx, dweight, dbias = conv_algorithms.conv2d_backward(grad_output, self.saved_cache(), need_input_grad,
-                                                                 ops=self.ops)
-        else:
-            dx, dweight, dbias = conv_algorithms.conv2d_backward(grad_output, self.saved_cache(), need_input_grad,
-                                                                 need_weight_grad=False, ops=self.ops)
-            if self.bias is not None and self.bias.requires_grad:
-                dbias = F.conv2d_bias_backward(grad_output)
+        dx, dweight, dbias = conv_algorithms.conv2d_backward(
+            grad_output, cache, need_input_grad, need_weight_grad=self.weight.requires_grad,
+            need_bias_grad=self.bias is not None and self.bias.requires_grad, ops=self.ops)
         self.weight.accumulate_grad(dweight)
         if self.bias is not None:
             self.bias.accumulate_grad(dbias)

@@ -393,8 +393,7 @@ class Module:
             raise TypeError(f"{type(self).__name__} expects a floating-point {what}, got dtype {x.dtype}; "
                             f"convert the {what} with .astype({self.dtype.name!r}) (images: scale them to [0, 1] "
                             f"first)")
-        has_parameters = any(p is not None for p in self._parameters.values())
-        if x.dtype != self.dtype and has_parameters:
+        if x.dtype != self.dtype and any(p is not None for p in self._parameters.values()):
             # Layers without parameters (pools, ReLU, Flatten) follow their input's dtype, as PyTorch's do.
             raise TypeError(f"{type(self).__name__} has dtype {self.dtype} but got {what} of dtype {x.dtype}; "
                             f"convert the {what} with .astype({self.dtype.name!r}) or the model with "
