@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import distributed as dist
-from ..functional.batchnorm import _normalise, batchnorm_backward, batchnorm_eval_forward
+from ..functional.batchnorm import _moments, _normalise, batchnorm_backward, batchnorm_eval_forward
 from ..functional.layout import channel_rows, rows_as_nchw
 from .batchnorm import BatchNorm2d
 from .module import Module
@@ -78,15 +78,22 @@ class SyncBatchNorm(BatchNorm2d):
         return y
 
     def _global_moments(self, rows):
-        """``(mean, biased var, M)`` of each channel over the values of all ranks (one allreduce)."""
+        """``(mean, biased var, M)`` of each channel over the values of all ranks (one allreduce).
+
+        This rank's ``m`` values have moments ``(mean_r, var_r)`` (:func:`_moments`, one tiled pass), so
+        around the shared shift ``k``: ``sum(x - k) = m (mean_r - k)`` and
+        ``sum((x - k)^2) = m (var_r + (mean_r - k)^2)``."""
         xp = self.xp
-        channels = rows.shape[1]
+        local, channels = rows.shape
         shift = self.running_mean if self.running_mean is not None else xp.zeros(channels, dtype=rows.dtype)
-        deviation = rows - shift.astype(rows.dtype)
-        stats = xp.empty(2 * channels + 1, dtype=rows.dtype)
-        stats[:channels] = deviation.sum(axis=0)
-        stats[channels:2 * channels] = (deviation * deviation).sum(axis=0)
-        stats[2 * channels] = rows.shape[0]
+        shift = shift.astype(rows.dtype, copy=False)
+        stats = xp.zeros(2 * channels + 1, dtype=rows.dtype)
+        if local:
+            local_mean, local_var = _moments(rows)
+            offset = local_mean - shift
+            stats[:channels] = local * offset
+            stats[channels:2 * channels] = local * (local_var + offset * offset)
+        stats[2 * channels] = local
         dist.all_reduce(stats)
         count = stats[2 * channels]
         if xp is np and count < 2:
