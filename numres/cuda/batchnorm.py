@@ -149,8 +149,6 @@ def batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps=1e-5,
 def batchnorm_backward(dy, cache, *, need_param_grads=True):
     """Kernel version of :func:`numres.functional.batchnorm.batchnorm_backward`: ``(dx, dweight, dbias)``;
     both parameter gradients are None with ``need_param_grads=False`` (frozen parameters)."""
-    if not isinstance(cache, KernelBatchNormCache):
-        return generic.batchnorm_backward(dy, cache)
     rt = runtime_for(dy)
     xp = rt.xp
     rows, channels = cache.rows.shape

@@ -47,8 +47,6 @@ def maxpool2d_forward(x, kernel_size, stride=None, padding=0, dilation=1, ceil_m
 @kernel_op(generic.maxpool2d_backward, cache_type=KernelMaxPoolCache)
 def maxpool2d_backward(dy, cache):
     """Kernel version of :func:`numres.functional.pooling.maxpool2d_backward`; dx is channels-last."""
-    if not isinstance(cache, KernelMaxPoolCache):
-        return generic.maxpool2d_backward(dy, cache)
     rt = runtime_for(dy)
     argmax, x_shape, geometry = cache
     n, c, h, w = x_shape

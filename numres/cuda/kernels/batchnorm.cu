@@ -37,6 +37,22 @@ __device__ void bn_partial_moments(const T* __restrict__ x, int rows, int channe
     }
 }
 
+// The finalize kernels' reduction: channel c's lanes of two (channels, lanes) partial-sum arrays,
+// added by the block's threads; afterwards a[0] and b[0] hold the two sums.  Every thread calls it.
+__device__ __forceinline__ void bn_sum_lanes(const double* __restrict__ pa, const double* __restrict__ pb, int c,
+                                             int lanes, double* a, double* b)
+{
+    const int t = (int)threadIdx.x;
+    double sum_a = 0.0, sum_b = 0.0;
+    for (int l = t; l < lanes; l += (int)blockDim.x) {
+        sum_a += pa[(long long)c * lanes + l];
+        sum_b += pb[(long long)c * lanes + l];
+    }
+    a[t] = sum_a;
+    b[t] = sum_b;
+    numres_block_sum2(a, b);
+}
+
 // Per channel: batch mean and variance from the partials, the running-statistics update
 // (PyTorch's: running = (1 - momentum) running + momentum batch, with the unbiased variance),
 // and the values the apply/backward kernels use.  momentum is read from momentum_ptr[0] when
@@ -53,17 +69,9 @@ __device__ void bn_finalize_moments(const T* __restrict__ x, const double* __res
 {
     __shared__ double sum_shared[NUMRES_BLOCK_THREADS];
     __shared__ double sumsq_shared[NUMRES_BLOCK_THREADS];
-    const int t = (int)threadIdx.x;
     for (int c = (int)blockIdx.x; c < channels; c += (int)gridDim.x) {
-        double sum = 0.0, sumsq = 0.0;
-        for (int l = t; l < lanes; l += (int)blockDim.x) {
-            sum += psum[(long long)c * lanes + l];
-            sumsq += psumsq[(long long)c * lanes + l];
-        }
-        sum_shared[t] = sum;
-        sumsq_shared[t] = sumsq;
-        numres_block_sum2(sum_shared, sumsq_shared);
-        if (t == 0) {
+        bn_sum_lanes(psum, psumsq, c, lanes, sum_shared, sumsq_shared);
+        if (threadIdx.x == 0) {
             const double shifted_mean = sum_shared[0] / rows;
             const double mean = (double)x[c] + shifted_mean;
             double var = sumsq_shared[0] / rows - shifted_mean * shifted_mean;
@@ -158,17 +166,9 @@ __device__ void bn_backward_finalize(const double* __restrict__ pg, const double
 {
     __shared__ double g_shared[NUMRES_BLOCK_THREADS];
     __shared__ double gx_shared[NUMRES_BLOCK_THREADS];
-    const int t = (int)threadIdx.x;
     for (int c = (int)blockIdx.x; c < channels; c += (int)gridDim.x) {
-        double sum_g = 0.0, sum_gx = 0.0;
-        for (int l = t; l < lanes; l += (int)blockDim.x) {
-            sum_g += pg[(long long)c * lanes + l];
-            sum_gx += pgx[(long long)c * lanes + l];
-        }
-        g_shared[t] = sum_g;
-        gx_shared[t] = sum_gx;
-        numres_block_sum2(g_shared, gx_shared);
-        if (t == 0) {
+        bn_sum_lanes(pg, pgx, c, lanes, g_shared, gx_shared);
+        if (threadIdx.x == 0) {
             const double total_g = g_shared[0];
             const double grad_weight = gx_shared[0] * (double)invstd[c];
             dbias[c] = (T)total_g;
