@@ -137,20 +137,21 @@ class NCCLCommunicator:
         except KeyError:
             raise TypeError(f"NCCL cannot reduce arrays of dtype {array.dtype}") from None
 
-    def _after_current_stream(self):
-        """Make the side stream wait for everything queued so far on the current stream."""
+    def _on_side_stream(self, launch) -> NCCLWork:
+        """Run ``launch(stream_ptr)`` on the side stream after everything queued so far on the current
+        stream (an event the side stream waits for); the work handle waits for a *done* event after it."""
         ready = self._cupy.cuda.Event(disable_timing=True)
         ready.record(self._cupy.cuda.get_current_stream())
         self.stream.wait_event(ready)
-
-    def iallreduce(self, array) -> NCCLWork:
-        nccl_type = self._nccl_type(array)
-        self._after_current_stream()
-        self.comm.allReduce(array.data.ptr, array.data.ptr, array.size, nccl_type, self._nccl.NCCL_SUM,
-                            self.stream.ptr)
+        launch(self.stream.ptr)
         done = self._cupy.cuda.Event(disable_timing=True)
         done.record(self.stream)
         return NCCLWork(self._cupy, done)
+
+    def iallreduce(self, array) -> NCCLWork:
+        nccl_type = self._nccl_type(array)
+        return self._on_side_stream(lambda stream: self.comm.allReduce(
+            array.data.ptr, array.data.ptr, array.size, nccl_type, self._nccl.NCCL_SUM, stream))
 
     def allreduce(self, array):
         self.iallreduce(array).wait()
@@ -158,11 +159,8 @@ class NCCLCommunicator:
 
     def broadcast(self, array, root=0):
         nccl_type = self._nccl_type(array)
-        self._after_current_stream()
-        self.comm.bcast(array.data.ptr, array.size, nccl_type, root, self.stream.ptr)
-        done = self._cupy.cuda.Event(disable_timing=True)
-        done.record(self.stream)
-        NCCLWork(self._cupy, done).wait()
+        self._on_side_stream(lambda stream: self.comm.bcast(array.data.ptr, array.size, nccl_type, root,
+                                                            stream)).wait()
         return array
 
     def allgather_object(self, obj):

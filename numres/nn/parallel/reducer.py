@@ -103,9 +103,6 @@ class Reducer:
         self.comm_wait_s = 0.0
         self._active = True
 
-    def owns(self, param) -> bool:
-        return id(param) in self._where
-
     def mark_ready(self, param, name=""):
         """``param``'s gradient is final for this backward; start every bucket that is now complete."""
         if not self._active or id(param) in self._ready or id(param) not in self._where:
