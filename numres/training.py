@@ -61,7 +61,7 @@ from .data.sampler import RankBatches, local_part
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .io import atomic_write, load, save
 from .models.cifar import CIFAR_MODELS
-from .nn import CrossEntropyLoss, no_grad
+from .nn import BatchNorm2d, CrossEntropyLoss, no_grad
 from .nn.parallel import DistributedDataParallel
 from .optim import SGD, Adam, AdamW
 from .optim.lr_scheduler import CosineAnnealingLR, MultiStepLR, linear_warmup
@@ -147,7 +147,6 @@ class TrainConfig:
         elif self.schedule == "multistep":     # the paper's: at 50% and 75% of the run
             self.milestones = sorted({m for m in (self.epochs // 2, (3 * self.epochs) // 4) if 0 < m < self.epochs})
 
-
     def unreached_milestones(self) -> list:
         """Milestones at or past the last epoch: they change nothing unless the run is extended."""
         if self.schedule != "multistep":
@@ -179,8 +178,9 @@ def load_backbone(model, path):
     from .io import load_weights
     path = checkpoint_file(path) if os.path.isdir(path) else path        # a run folder: its checkpoint
     state = dict(load_weights(path))
+    parameters = dict(model.named_parameters())
     for key in ("fc.weight", "fc.bias"):
-        current = dict(model.named_parameters()).get(key)
+        current = parameters.get(key)
         if key in state and current is not None and tuple(np.shape(state[key])) != tuple(current.data.shape):
             state[key] = current.data
     model.load_state_dict(state)
@@ -463,7 +463,7 @@ class Trainer:
         self.model.train()
         if self.config.freeze_backbone:     # a frozen backbone keeps its BatchNorm statistics too (eval mode)
             for module in self.model.modules():
-                if module is not self.model.fc and type(module).__name__.startswith("BatchNorm"):
+                if isinstance(module, BatchNorm2d):      # SyncBatchNorm included
                     module.eval()
         loader = self.train_loader
         self._epoch_rng = loader.get_rng_state()
