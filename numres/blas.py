@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import re
 
 # (getter, setter) symbol pairs: NumPy's wheels ship scipy-openblas with prefixed names.
@@ -31,8 +32,9 @@ def _loaded_openblas() -> list:
     return sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", text)))
 
 
+@functools.lru_cache(maxsize=1)
 def _openblas_controls():
-    """``(get, set)`` ctypes functions of the loaded OpenBLAS, or None."""
+    """``(get, set)`` ctypes functions of the loaded OpenBLAS, or None (found once)."""
     for path in _loaded_openblas():
         try:
             library = ctypes.CDLL(path)
@@ -61,14 +63,9 @@ def _ctypes_limit(count: int):
         set_(before)
 
 
-_CONTROLS = []          # the (get, set) pair of the loaded OpenBLAS, found once
-
-
 def current_blas_threads():
     """How many threads NumPy's OpenBLAS uses now (one ctypes call), or None when it cannot be told."""
-    if not _CONTROLS:
-        _CONTROLS.append(_openblas_controls())
-    controls = _CONTROLS[0]
+    controls = _openblas_controls()
     return None if controls is None else int(controls[0]())
 
 
