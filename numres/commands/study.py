@@ -15,8 +15,7 @@ def add_arguments(parser):
     flow.add_argument("--depth", type=int, default=56, choices=DEPTHS, help="network depth (default: 56)")
     flow.add_argument("--batch-size", type=int, default=128, help="digits images in the batch (default: 128)")
     flow.add_argument("--out", default="study-gradflow", help="output directory (default: study-gradflow)")
-    for sub in (flow,):
-        _common_arguments(sub)
+    _common_arguments(flow)
 
     degrade = experiments.add_parser("degradation", help="train plain and residual nets of two depths, same budget",
                                      description="Train plain and ResNet CIFAR nets of each depth with the same "
