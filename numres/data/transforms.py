@@ -47,7 +47,7 @@ import numbers
 
 import numpy as np
 
-from ..imagenet import _pillow
+from ..imagenet import _pillow, resized_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)      # torchvision's ImageNet statistics (RGB, pixels in [0, 1])
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -248,14 +248,14 @@ def resized_output_size(width, height, size, max_size=None) -> tuple:
     if isinstance(size, (tuple, list)) and len(size) == 2:
         return int(size[0]), int(size[1])
     requested = int(size[0]) if isinstance(size, (tuple, list)) else int(size)
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = requested, int(requested * long / short)
+    new_w, new_h = resized_size(width, height, requested)          # the shorter side becomes `requested`
     if max_size is not None:
         if max_size <= requested:
             raise ValueError(f"max_size ({max_size}) must be larger than the requested size ({requested})")
+        new_long = max(new_w, new_h)
         if new_long > max_size:
-            new_short, new_long = int(max_size * new_short / new_long), max_size
-    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+            new_short = int(max_size * requested / new_long)
+            new_w, new_h = (new_short, max_size) if width <= height else (max_size, new_short)
     return new_h, new_w
 
 
