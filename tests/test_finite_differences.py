@@ -191,9 +191,97 @@ def test_gradcheck_catches_a_wrong_backward():
 
 
 def test_gradcheck_leaves_the_module_untouched():
-    conv = nr.nn.Conv2d(2, 2, 3, dtype="float32")
+    conv = nr.nn.Conv2d(2, 2, 3, dtype="float64")
+    conv.weight.grad = np.zeros_like(conv.weight.data)
     before = {k: v.copy() for k, v in conv.state_dict().items()}
     nr.gradcheck(conv, rand(1, 2, 4, 4, seed=18))
-    assert conv.dtype == np.float32 and conv.weight.grad is None
+    assert conv.dtype == np.float64 and not conv.weight.grad.any() and conv.bias.grad is None
     for key, value in conv.state_dict().items():
         np.testing.assert_array_equal(value, before[key])
+
+
+def test_gradcheck_refuses_a_float32_module():
+    """Finite differences in float32 cannot check a backward: no verdict at all, and the fix is named."""
+    with pytest.raises(ValueError, match=r"float64 module, got float32.*to\(dtype='float64'\)"):
+        nr.gradcheck(nr.nn.Linear(3, 2), rand(2, 3, seed=19))
+
+
+class _CorruptedLinear(nr.nn.Linear):
+    """A Linear whose backward writes ``value`` into entry ``entry`` (flat) of one gradient, or scales it."""
+
+    def __init__(self, tensor, entry=0, value=np.nan, scale=None):
+        super().__init__(4, 3, dtype="float64")
+        self.tensor, self.entry, self.value, self.scale = tensor, entry, value, scale
+
+    def backward(self, grad_output):
+        dx = super().backward(grad_output)
+        grad = dx if self.tensor == "input" else getattr(self, self.tensor).grad
+        if self.scale is not None:
+            grad *= self.scale
+        else:
+            grad.reshape(-1)[self.entry] = self.value
+        return dx
+
+
+CORRUPTED = ["input", "weight", "bias"]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("entry", ["first", "later"])
+@pytest.mark.parametrize("tensor", CORRUPTED)
+def test_gradcheck_fails_on_a_non_finite_gradient(tensor, entry, value):
+    """NaN or +-inf in any entry of any gradient fails, with that tensor named, even when the entry is not
+    among the sampled ones (max_entries=1 checks one entry per tensor, but every entry is looked at)."""
+    module = _CorruptedLinear(tensor, value=value)
+    size = {"input": 2 * 4, "weight": 3 * 4, "bias": 3}[tensor]
+    module.entry = 0 if entry == "first" else size - 1
+    for max_entries in (None, 1):
+        result = nr.gradcheck(module, rand(2, 4, seed=20), max_entries=max_entries)
+        assert not result.passed() and not result.passed(tolerance=1e9)
+        assert result.failed_tensors() == [tensor]
+        assert tensor in result.problems and "entry" in result.problems[tensor]
+        assert not result.worst <= 1e-6, "worst dropped the non-finite error"
+        assert f"FAIL" in str(result) and tensor in str(result)
+
+
+@pytest.mark.parametrize("tensor", CORRUPTED)
+def test_gradcheck_fails_on_a_one_percent_error(tensor):
+    """A gradient 1% off fails, whichever tensor it is in, not only the input's."""
+    result = nr.gradcheck(_CorruptedLinear(tensor, scale=1.01), rand(2, 4, seed=21))
+    assert result.failed_tensors() == [tensor]
+    assert 0.005 < result.errors[tensor] < 0.02
+    assert not result.passed()
+
+
+def test_gradcheck_fails_on_a_non_finite_forward():
+    """A forward that is not finite near the checked point gives non-finite numeric gradients: a failure."""
+    class LogLayer(nr.nn.Module):
+        def forward(self, x):
+            self.x = x
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.log(x)
+
+        def backward(self, dy):             # finite everywhere: only the numeric side goes bad
+            return dy / np.where(self.x == 0, 1.0, self.x)
+
+    x = np.abs(rand(2, 3, seed=22)) + 0.5
+    x[1, 2] = 1e-7                     # log(x - h) is NaN: only this entry's difference breaks
+    result = nr.gradcheck(LogLayer(dtype="float64"), x)
+    assert result.errors["input"] == np.inf and not result.passed()
+    assert "not finite around entry (1, 2)" in result.problems["input"]
+
+
+def test_worst_keeps_nan_and_inf():
+    """Python's max() drops a NaN unless it comes first; worst must not."""
+    for errors in ({"input": 1e-10, "weight": np.nan, "bias": 1e-11}, {"a": np.nan, "b": 0.0}):
+        result = nr.GradcheckResult(errors=errors, checked={k: 1 for k in errors})
+        assert np.isnan(result.worst) and not result.passed()
+    result = nr.GradcheckResult(errors={"input": 1e-10, "bias": np.inf}, checked={"input": 1, "bias": 1})
+    assert result.worst == np.inf and not result.passed()
+
+
+def test_result_prints_a_verdict_with_its_tolerance():
+    good = nr.gradcheck(nr.nn.Linear(4, 3, dtype="float64"), rand(2, 4, seed=23), tolerance=1e-7)
+    assert good.passed() and str(good).splitlines()[-1].startswith("PASS") and "1e-07" in str(good)
+    bad = nr.gradcheck(_CorruptedLinear("bias", scale=1.01), rand(2, 4, seed=23))
+    assert str(bad).splitlines()[-1].startswith("FAIL") and "<- fails" in str(bad)
