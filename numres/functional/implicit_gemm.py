@@ -1,0 +1,365 @@
+"""Implicit-GEMM convolution for stride-1 layers: no im2col, no col2im.
+
+Reference: :func:`numres.functional.conv.conv2d_forward` / ``conv2d_backward`` (im2col + GEMM,
+whose math it keeps).  What changes is that no patch matrix is built.
+
+Slabs.  Pad the channels-last input once, ``P`` (N, Hp, Wp, C), and read it as a matrix of
+``N*Hp*Wp`` rows, one per padded pixel.  Put the output on the same padded grid: output pixel
+``(n, oh, ow)`` is row ``r = n*Hp*Wp + oh*Wp + ow``.  A stride-1 convolution then reads, for kernel
+tap ``(i, j)``, input row ``r + i*dh*Wp + j*dw`` (``dh, dw`` the dilation): the rows one tap meets
+are a *contiguous slab* of ``P``, shifted by a constant.  So, per group, with ``W_ij`` the
+``(C, O)`` slice of the weight stored ``(kh, kw, C, O)``::
+
+    Y[0:M] += P[off_ij : off_ij + M] @ W_ij          off_ij = i*dh*Wp + j*dw,  kh*kw GEMMs
+
+``M = (N-1)*Hp*Wp + (OH-1)*Wp + OW`` covers every valid output row, and ``off_ij + M`` never
+passes the end of ``P``.  Rows of the padded grid outside the ``OH x OW`` window are computed and
+thrown away (7% more rows at 56x56 with padding 1, 29% at 14x14, 65% at 7x7).  The accumulation
+needs BLAS's ``beta = 1`` and leading dimensions, which ``numpy.matmul`` lacks; the calls go to
+``cblas_sgemm``/``cblas_dgemm`` of the BLAS NumPy loaded (:func:`numres.blas.cblas_gemm`), on
+NumPy's own buffers.
+
+Backward, with ``dYp`` the output gradient on the padded grid (zero outside the window)::
+
+    dW_ij             = P[off_ij : off_ij + M]^T @ dYp[0:M]       (K = every pixel)
+    dP[off_ij : +M]  += dYp[0:M] @ W_ij^T                         (col2im's scatter-add, done by beta = 1)
+    dx                = the interior of dP
+
+Two ways to run the taps (``variant``):
+
+* ``"taps"``: the ``kh*kw`` GEMMs above, with ``K = C`` (per group);
+* ``"rows"``: a partial im2col along the kernel's width only.  ``Q[r] = (P[r], P[r+dw], ...,
+  P[r+(kw-1)dw])`` is ``kw`` copies of the input (against ``kh*kw`` for im2col), and the
+  convolution is ``kh`` GEMMs with ``K = kw*C``: ``Y[0:M] += Q[i*dh*Wp : +M] @ W_i``, ``W_i`` the
+  ``(kw*C, O)`` row ``i`` of the stored weight.  The weight gradient reads the same ``Q``
+  (``dW_i = Q[i*dh*Wp : +M]^T @ dYp``) and the input gradient builds the same thing from ``dYp``,
+  ``Qd[r] = (dYp[r], dYp[r-dw], ...)``, with the weight turned: ``dP[i*dh*Wp:] += Qd @ Wt_i``.
+  Larger ``K`` runs the GEMM nearer its peak and reads/writes ``Y`` ``kh`` times instead of
+  ``kh*kw``; the price is the copies.
+
+Which is faster depends on the layer (:mod:`numres.functional.conv_algorithms` chooses, and
+docs/implicit_gemm.md has the measurements).  Stride 2 and padding modes other than zeros stay
+with im2col.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..blas import cblas_gemm
+from ..parallel import map_tiles
+from .conv import conv_padding, pair
+
+VARIANTS = ("taps", "rows")
+WORKSPACE_ELEMENTS = 1 << 22      # elements of Q (the "rows" variant's partial im2col) built at once
+
+
+class ImplicitCache(NamedTuple):
+    x: object             # the input, (N, C, H, W) shaped (re-padded in backward: no extra activation kept)
+    weight: object        # PyTorch shape (O, C/groups, kh, kw)
+    x_shape: tuple
+    out_hw: tuple
+    pads: tuple           # ((top, bottom), (left, right)) zero padding
+    dilation: tuple
+    groups: int
+    has_bias: bool
+    variant: str          # "taps" or "rows"
+
+
+def implicit_available(dtype=np.float32) -> bool:
+    """True when the BLAS NumPy loaded has a CBLAS GEMM for ``dtype`` (float32 or float64)."""
+    gemm = cblas_gemm()
+    return gemm is not None and gemm.function(np.dtype(dtype)) is not None
+
+
+def implicit_pads(x_shape, weight_shape, stride, padding, dilation, groups, padding_mode="zeros"):
+    """The ``((top, bottom), (left, right))`` zero padding when the implicit path can compute this
+    convolution (stride 1, zero padding, a non-empty 4-D batch), else None."""
+    try:
+        stride, dilation = pair(stride, "stride", 1), pair(dilation, "dilation", 1)
+        if padding_mode != "zeros" or stride != (1, 1) or len(x_shape) != 4 or x_shape[0] == 0:
+            return None
+        pads = conv_padding(padding, tuple(weight_shape[2:]), stride, dilation)
+    except (TypeError, ValueError):
+        return None                                    # the im2col path names the problem
+    (top, bottom), (left, right) = pads
+    for size, before, after, k, d in ((x_shape[2], top, bottom, weight_shape[2], dilation[0]),
+                                      (x_shape[3], left, right, weight_shape[3], dilation[1])):
+        if size + before + after - d * (k - 1) < 1:
+            return None
+    return pads
+
+
+def _gemm(dtype):
+    gemm = cblas_gemm()
+    function = None if gemm is None else gemm.function(np.dtype(dtype))
+    if function is None:
+        raise RuntimeError(f"implicit-GEMM convolution needs cblas_sgemm/cblas_dgemm in NumPy's BLAS for "
+                           f"{np.dtype(dtype)}, and none was found; use set_conv_algorithm('im2col')")
+    return function
+
+
+_ROW, _N, _T = 101, 111, 112
+
+
+# --- the padded grid ---------------------------------------------------------------------------------
+
+def _line_runs(lines, per_image, line_elements, function):
+    """Call ``function(image, first, stop)`` on runs of lines ``[first, stop)`` of one image, on all cores.
+
+    ``lines = N * per_image``; the line ranges are split over threads and cut at image boundaries
+    (so a batch of one image is still split).
+    """
+    def run(part):
+        start, stop = part.start, part.stop
+        while start < stop:
+            image = start // per_image
+            end = min(stop, (image + 1) * per_image)
+            function(image, start - image * per_image, end - image * per_image)
+            start = end
+    map_tiles(run, lines, line_elements, np, tile_elements=1 << 18)
+
+
+def _frame(target, first, stop, source, top, left, height, width):
+    """Lines ``[first, stop)`` of a padded frame: ``source`` lines ``[0, height)`` placed at line
+    ``top``, column ``left``; zero everywhere else.  ``target`` is those lines of the frame."""
+    lo, hi = max(first, top), min(stop, top + height)
+    if hi <= lo:
+        target[...] = 0
+        return
+    target[:lo - first] = 0
+    target[hi - first:] = 0
+    inner = target[lo - first:hi - first]
+    inner[:, :left] = 0
+    inner[:, left + width:] = 0
+    inner[:, left:left + width] = source[lo - top:hi - top]
+
+
+def pad_rows(x, pads):
+    """``x`` (N, C, H, W) as the padded channels-last grid ``(N, Hp, Wp, C)``, C-contiguous (no copy
+    when there is no padding and ``x`` is stored channels-last)."""
+    (top, bottom), (left, right) = pads
+    x_nhwc = x.transpose(0, 2, 3, 1)
+    if top == bottom == left == right == 0:
+        return np.ascontiguousarray(x_nhwc)
+    n, h, w, c = x_nhwc.shape
+    hp, wp = h + top + bottom, w + left + right
+    padded = np.empty((n, hp, wp, c), dtype=x.dtype)
+    _line_runs(n * hp, hp, wp * c, lambda image, first, stop: _frame(
+        padded[image, first:stop], first, stop, x_nhwc[image], top, left, h, w))
+    return padded
+
+
+def crop_rows(grid, out_hw, bias=None, relu=False, origin=(0, 0)):
+    """The ``(N, OH, OW, O)`` window at ``origin`` of the padded grid ``grid`` (N, Hp, Wp, O), as a
+    new contiguous array, with ``bias`` added and ReLU applied on the way (one pass)."""
+    n, _, _, o = grid.shape
+    oh, ow = out_hw
+    top, left = origin
+    y = np.empty((n, oh, ow, o), dtype=grid.dtype)
+
+    def copy(image, first, stop):
+        target = y[image, first:stop]
+        source = grid[image, top + first:top + stop, left:left + ow]
+        if bias is not None:
+            np.add(source, bias, out=target)
+        else:
+            target[...] = source
+        if relu:
+            np.maximum(target, 0, out=target)
+
+    _line_runs(n * oh, oh, ow * o, copy)
+    return y
+
+
+def grid_gradient(dy, hp, wp):
+    """``dy`` (N, O, OH, OW) on the padded grid ``(N, Hp, Wp, O)``: zero outside the output window."""
+    n, o, oh, ow = dy.shape
+    dy_nhwc = dy.transpose(0, 2, 3, 1)
+    grid = np.empty((n, hp, wp, o), dtype=dy.dtype)
+    _line_runs(n * hp, hp, wp * o, lambda image, first, stop: _frame(
+        grid[image, first:stop], first, stop, dy_nhwc[image], 0, 0, oh, ow))
+    return grid
+
+
+def _width_copies(grid_rows, kw, dw, groups, shift):
+    """``Q[r] = (grid[r + s*0], grid[r + s*dw], ..., grid[r + s*(kw-1)*dw])`` as ``(R, groups, kw, Cg)``,
+    ``s = +1`` (forward, weight gradient) or ``-1`` (input gradient; rows before the start are 0)."""
+    rows, c = grid_rows.shape
+    cg = c // groups
+    q = np.empty((rows, groups, kw, cg), dtype=grid_rows.dtype)
+    source = grid_rows.reshape(rows, groups, cg)
+
+    def fill(part):
+        for j in range(kw):
+            offset = shift * j * dw
+            lo, hi = part.start, part.stop
+            first, last = max(lo, -offset), min(hi, rows - offset)
+            if first > lo:
+                q[lo:first, :, j] = 0
+            if last < hi:
+                q[max(last, lo):hi, :, j] = 0
+            if last > first:
+                q[first:last, :, j] = source[first + offset:last + offset]
+
+    map_tiles(fill, rows, kw * c, np, tile_elements=1 << 18)
+    return q
+
+
+def _chunks(n, per_image):
+    images = max(1, WORKSPACE_ELEMENTS // max(1, per_image))
+    return [slice(start, min(start + images, n)) for start in range(0, n, images)]
+
+
+# --- forward -----------------------------------------------------------------------------------------
+
+def implicit_conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, relu=False,
+                            variant="taps"):
+    """``y = conv2d(x, weight) + bias`` by slab GEMMs -> ``(y, cache)``; stride 1, zero padding only.
+
+    ``y`` is (N, O, OH, OW), stored channels-last; ``relu=True`` returns ``max(y, 0)``, applied in
+    the pass that reads the output window off the padded grid.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"implicit-GEMM variant must be one of {VARIANTS}, got {variant!r}")
+    pads = implicit_pads(x.shape, weight.shape, stride, padding, dilation, groups)
+    if pads is None:
+        raise ValueError("the implicit-GEMM path computes stride-1, zero-padded convolutions of a non-empty "
+                         f"4-D batch; got input {tuple(x.shape)}, weight {tuple(weight.shape)}, stride {stride}, "
+                         f"padding {padding}, dilation {dilation}")
+    gemm = _gemm(x.dtype)
+    dh, dw = pair(dilation, "dilation", 1)
+    out_channels, cg, kh, kw = weight.shape
+    og = out_channels // groups
+    n, c, h, w = x.shape
+    (top, bottom), (left, right) = pads
+    hp, wp = h + top + bottom, w + left + right
+    oh, ow = hp - dh * (kh - 1), wp - dw * (kw - 1)
+    grid = pad_rows(x, pads)                                   # (n, hp, wp, c)
+    stored = np.ascontiguousarray(weight.transpose(2, 3, 1, 0))   # (kh, kw, cg, O)
+    out = np.empty((n, hp, wp, out_channels), dtype=x.dtype)
+    size = x.dtype.itemsize
+    per_image = hp * wp
+    w_ptr, o_ptr = stored.ctypes.data, out.ctypes.data
+    if variant == "taps":
+        m = (n - 1) * per_image + (oh - 1) * wp + ow
+        g_ptr = grid.ctypes.data
+        for tap in range(kh * kw):
+            i, j = divmod(tap, kw)
+            offset = i * dh * wp + j * dw
+            for g in range(groups):
+                gemm(_ROW, _N, _N, m, og, cg, 1.0, g_ptr + (offset * c + g * cg) * size, c,
+                     w_ptr + ((tap * cg) * out_channels + g * og) * size, out_channels,
+                     0.0 if tap == 0 else 1.0, o_ptr + g * og * size, out_channels)
+    else:
+        rows_of = grid.reshape(n * per_image, c)
+        for images in _chunks(n, per_image * kw * c):
+            r0, count = images.start * per_image, images.stop - images.start
+            q = _width_copies(rows_of[r0:r0 + count * per_image], kw, dw, groups, 1)
+            m = (count - 1) * per_image + (oh - 1) * wp + ow
+            q_ptr, k = q.ctypes.data, kw * cg
+            for i in range(kh):
+                offset = i * dh * wp
+                for g in range(groups):
+                    gemm(_ROW, _N, _N, m, og, k, 1.0, q_ptr + (offset * kw * c + g * k) * size, kw * c,
+                         w_ptr + (i * kw * cg * out_channels + g * og) * size, out_channels,
+                         0.0 if i == 0 else 1.0, o_ptr + (r0 * out_channels + g * og) * size, out_channels)
+    y = out if (oh, ow) == (hp, wp) and bias is None and not relu else crop_rows(out, (oh, ow), bias, relu)
+    cache = ImplicitCache(x, weight, tuple(x.shape), (oh, ow), pads, (dh, dw), groups, bias is not None, variant)
+    return y.transpose(0, 3, 1, 2), cache
+
+
+# --- backward ----------------------------------------------------------------------------------------
+
+def implicit_conv2d_backward(dy, cache: ImplicitCache, need_input_grad=True, *, need_weight_grad=True,
+                             need_bias_grad=None):
+    """Gradients ``(dx, dweight, dbias)`` from ``dy`` (N, O, OH, OW), by the slabs of the forward pass.
+
+    As :func:`numres.functional.conv.conv2d_backward`: a gradient not asked for is None and costs
+    nothing; ``dweight`` has the weight's shape and is stored ``(kh, kw, C/groups, O)``.
+    """
+    need_bias_grad = need_weight_grad if need_bias_grad is None else need_bias_grad
+    gemm = _gemm(dy.dtype)
+    weight, groups, variant = cache.weight, cache.groups, cache.variant
+    out_channels, cg, kh, kw = weight.shape
+    og = out_channels // groups
+    n, c, h, w = cache.x_shape
+    (top, bottom), (left, right) = cache.pads
+    dh, dw = cache.dilation
+    oh, ow = cache.out_hw
+    hp, wp = h + top + bottom, w + left + right
+    per_image = hp * wp
+    size = dy.dtype.itemsize
+    dbias = dy.sum(axis=(0, 2, 3)) if cache.has_bias and need_bias_grad else None
+    if not (need_input_grad or need_weight_grad):
+        return None, None, dbias
+    dgrid = grid_gradient(dy, hp, wp)                                 # (n, hp, wp, O)
+    d_ptr = dgrid.ctypes.data
+    dweight = dx = None
+    if need_weight_grad:
+        grid = pad_rows(cache.x, cache.pads)
+        dstored = np.empty((kh, kw, cg, out_channels), dtype=dy.dtype)
+        dw_ptr = dstored.ctypes.data
+        if variant == "taps":
+            m = (n - 1) * per_image + (oh - 1) * wp + ow
+            g_ptr = grid.ctypes.data
+            for tap in range(kh * kw):
+                i, j = divmod(tap, kw)
+                offset = i * dh * wp + j * dw
+                for g in range(groups):
+                    gemm(_ROW, _T, _N, cg, og, m, 1.0, g_ptr + (offset * c + g * cg) * size, c,
+                         d_ptr + g * og * size, out_channels, 0.0,
+                         dw_ptr + (tap * cg * out_channels + g * og) * size, out_channels)
+        else:
+            rows_of = grid.reshape(n * per_image, c)
+            k = kw * cg
+            for index, images in enumerate(_chunks(n, per_image * kw * c)):
+                r0, count = images.start * per_image, images.stop - images.start
+                q = _width_copies(rows_of[r0:r0 + count * per_image], kw, dw, groups, 1)
+                m = (count - 1) * per_image + (oh - 1) * wp + ow
+                q_ptr = q.ctypes.data
+                for i in range(kh):
+                    for g in range(groups):
+                        gemm(_ROW, _T, _N, k, og, m, 1.0, q_ptr + (i * dh * wp * kw * c + g * k) * size, kw * c,
+                             d_ptr + (r0 * out_channels + g * og) * size, out_channels,
+                             0.0 if index == 0 else 1.0,
+                             dw_ptr + (i * kw * cg * out_channels + g * og) * size, out_channels)
+        dweight = dstored.transpose(3, 2, 0, 1)
+    if need_input_grad:
+        rows = n * per_image
+        dgrid_x = np.empty((n, hp, wp, c), dtype=dy.dtype)
+        x_ptr = dgrid_x.ctypes.data
+        stored = np.ascontiguousarray(weight.transpose(2, 3, 1, 0))    # (kh, kw, cg, O)
+        if variant == "taps":
+            m = (n - 1) * per_image + (oh - 1) * wp + ow
+            w_ptr = stored.ctypes.data
+            # Tap (0, 0) writes rows [0, m) with beta = 0; the rows past m are cleared first.
+            dgrid_x.reshape(rows, c)[m:] = 0
+            for tap in range(kh * kw):
+                i, j = divmod(tap, kw)
+                offset = i * dh * wp + j * dw
+                for g in range(groups):
+                    gemm(_ROW, _N, _T, m, cg, og, 1.0, d_ptr + g * og * size, out_channels,
+                         w_ptr + (tap * cg * out_channels + g * og) * size, out_channels,
+                         0.0 if tap == 0 else 1.0, x_ptr + (offset * c + g * cg) * size, c)
+        else:
+            # dP[r] = sum_i Qd[r - i*dh*Wp] @ Wt_i, Qd[r] = (dYp[r], dYp[r-dw], ...), Wt_i[(j, o), c] = W[i, j, c, o].
+            turned = np.ascontiguousarray(
+                stored.reshape(kh, kw, cg, groups, og).transpose(0, 3, 1, 4, 2))   # (kh, groups, kw, og, cg)
+            t_ptr, k = turned.ctypes.data, kw * og
+            drows = dgrid.reshape(rows, out_channels)
+            for images in _chunks(n, per_image * kw * out_channels):
+                r0, count = images.start * per_image, images.stop - images.start
+                chunk_rows = count * per_image
+                qd = _width_copies(drows[r0:r0 + chunk_rows], kw, dw, groups, -1)
+                q_ptr = qd.ctypes.data
+                for i in range(kh):
+                    offset = i * dh * wp
+                    for g in range(groups):
+                        gemm(_ROW, _N, _N, chunk_rows - offset, cg, k, 1.0, q_ptr + g * k * size, kw * out_channels,
+                             t_ptr + ((i * groups + g) * k * cg) * size, cg, 0.0 if i == 0 else 1.0,
+                             x_ptr + ((r0 + offset) * c + g * cg) * size, c)
+        dx = dgrid_x if (hp, wp) == (h, w) else crop_rows(dgrid_x, (h, w), origin=(top, left))
+        dx = dx.transpose(0, 3, 1, 2)
+    return dx, dweight, dbias
