@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +32,18 @@ TIMEOUT_S = 120
 
 
 def run_mpi(script, *args, ranks=2, timeout=TIMEOUT_S, check=True):
-    """``mpiexec -n ranks python tests/distributed/script args``; the CompletedProcess (and its seconds)."""
+    """``mpiexec -n ranks python tests/distributed/script args``; the CompletedProcess.
+
+    ``timeout`` is the hang guard: a job that does not end within it fails the test.  Nothing asserts
+    on the elapsed time (a loaded machine is slow, not wrong)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NUMRES_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), str(SCRIPTS), os.environ.get("PYTHONPATH", "")]))
     command = [MPIEXEC, "-n", str(ranks), sys.executable, str(SCRIPTS / script), *map(str, args)]
-    start = time.perf_counter()
     try:
         process = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
                                  cwd=str(HERE.parent))
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{script} did not finish within {timeout} s (a hang): {exc.stderr}")
-    process.seconds = time.perf_counter() - start
     if check and process.returncode != 0:
         pytest.fail(f"{script} failed with exit code {process.returncode}:\n{process.stdout}\n{process.stderr}")
     return process
@@ -70,8 +70,11 @@ def ddp_result(tmp_path_factory):
 
 @needs_mpi
 def test_sync_batchnorm_layer_equals_torch_batchnorm_over_the_global_batch(sync_bn_result):
+    """Even (3 + 3) and uneven (3 + 5) per-rank batches: outputs, dx, summed weight/bias gradients and
+    running statistics against torch's BatchNorm2d on the whole batch, on every rank, float64."""
     errors = sync_bn_result["layer_errors"]
-    assert len(errors) == 12
+    assert len(errors) == 24 and sum(name.startswith("3+5.") for name in errors) == 12, sorted(errors)
+    assert sync_bn_result["local_batches"] == [3, 5]
     for name, error in errors.items():
         assert error < 1e-10, f"SyncBatchNorm {name}: relative error {error:.2e} against torch BatchNorm2d"
 
@@ -90,7 +93,7 @@ def test_ddp_averaged_gradients_equal_torch_ddp(ddp_result):
     name, error = ddp_result["step_errors_worst"]
     assert error < 1e-10, f"gradient of {name} differs from torch DDP by {error:.2e}"
     assert ddp_result["gradients_compared"] == 38
-    assert ddp_result["ranks_agree"]
+    assert ddp_result["ranks_agree"], f"ranks hold different averaged gradients: {ddp_result['ranks_disagree_on']}"
     assert ddp_result["frozen_grad_is_none"], "a frozen parameter got a gradient"
     assert all("conv1.weight" not in bucket for bucket in ddp_result["buckets"]), "frozen parameter in a bucket"
 
@@ -100,6 +103,16 @@ def test_no_sync_accumulates_locally_then_averages_like_torch(ddp_result):
     assert ddp_result["no_sync_kept_local"], "gradients were reduced inside no_sync()"
     name, error = ddp_result["no_sync_errors_worst"]
     assert error < 1e-10, f"accumulated gradient of {name} differs from torch DDP by {error:.2e}"
+
+
+@needs_mpi
+def test_ddp_broadcasts_rank_0s_buffers_at_each_training_forward(ddp_result):
+    """Rank 1's BatchNorm buffers are perturbed; after the next training forward every rank's buffers
+    equal torch DDP's (which starts from rank 0's), and num_batches_tracked is rank 0's plus one."""
+    assert ddp_result["buffers_differ_before_forward"]
+    assert ddp_result["buffers_compared"] == 36                     # 12 BatchNorms x 3 buffers
+    name, error = ddp_result["buffer_errors_worst"]
+    assert error < 1e-10, f"buffer {name} differs from torch DDP's after the forward by {error:.2e}"
 
 
 @needs_mpi
@@ -129,7 +142,6 @@ def test_architecture_mismatch_ends_the_job_with_a_clear_message():
     assert "the ranks built different models" in process.stderr
     assert "'fc.weight': rank 0 has shape (10, 64)" in process.stderr and "rank 1 has shape (12, 64)" in process.stderr
     assert "constructed DDP despite" not in process.stdout
-    assert process.seconds < 30
 
 
 @needs_mpi
@@ -139,7 +151,6 @@ def test_a_crashing_rank_aborts_the_whole_job_with_its_message():
     assert "[numres rank 1/2] ValueError: rank 1 failed on purpose in step 2" in process.stderr
     assert "aborting all 2 ranks (MPI_Abort)" in process.stderr
     assert "finished 1000 steps" not in process.stdout
-    assert process.seconds < 30
 
 
 # --- evaluation and sampling ----------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from torch import nn
 
 import numres
 
+import error_measure
+
 
 def _conv3x3(cin, cout, stride=1, groups=1, dilation=1):
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, groups=groups, bias=False, dilation=dilation)
@@ -150,24 +152,16 @@ def classic_repr(module) -> str:
 
 # --- comparing a numres model with its reference ------------------------------------------------------
 
-def rel_err(actual, expected) -> float:
+def rel_err(actual, expected, *, allow_matching_inf=False) -> float:
     """``max|actual - expected| / max|expected|`` over one tensor (0 when both are all zeros).
 
     ``expected`` is the reference (PyTorch).  Either may be a numres array (any backend) or a
-    torch tensor.  Shapes must agree exactly (never broadcast).  Non-finite entries (a max-pool
-    window lying wholly in padding gives -inf) must be identical; the error is taken over the rest.
+    torch tensor.  Shapes must agree exactly (never broadcast).  Any NaN or infinity, on either
+    side or on both, gives ``inf`` (a failure that ``max()`` cannot drop); the one exception,
+    opted into with ``allow_matching_inf=True``, is identical infinities on both sides (a max-pool
+    window lying wholly in padding gives -inf).  See tests/error_measure.py, the shared measure.
     """
-    a = np.asarray(_host(actual), dtype=np.float64)
-    b = np.asarray(_host(expected), dtype=np.float64)
-    if a.shape != b.shape:
-        raise AssertionError(f"shape mismatch: numres {a.shape} vs reference {b.shape}")
-    finite = np.isfinite(b)
-    if not np.array_equal(np.isfinite(a), finite) or not np.array_equal(a[~finite], b[~finite], equal_nan=True):
-        return float("inf")
-    a, b = a[finite], b[finite]
-    scale = np.abs(b).max(initial=0.0)
-    diff = np.abs(a - b).max(initial=0.0)
-    return float(diff / scale) if scale else float(diff)
+    return error_measure.rel_err(_host(actual), _host(expected), allow_matching_inf=allow_matching_inf)
 
 
 def _host(value):

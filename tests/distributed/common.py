@@ -1,7 +1,8 @@
 """Shared by the scripts that tests/test_distributed.py launches with ``mpiexec -n 2``.
 
 Each script writes one JSON document of measured numbers (rank 0 only) to the path given as its
-first argument; the pytest side asserts on it.  Nothing here asserts.
+first argument; the pytest side asserts on it.  Nothing here asserts.  The error measure is
+tests/error_measure.py's: NaN and infinity are failures (``inf``), on any rank.
 """
 from __future__ import annotations
 
@@ -13,18 +14,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))            # tests/ (torch_reference)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # the repository root
 
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402,F401
+
+from error_measure import max_error, rel_err, worst  # noqa: E402,F401  (the suite's one measure)
 
 
-def rel_err(actual, expected) -> float:
-    """``max|a - b| / max|b|``, the suite's measure (see tests/torch_reference.py)."""
-    a = np.asarray(actual, dtype=np.float64)
-    b = np.asarray(expected, dtype=np.float64)
-    if a.shape != b.shape:
-        return float("inf")
-    scale = np.abs(b).max(initial=0.0)
-    diff = np.abs(a - b).max(initial=0.0)
-    return float(diff / scale) if scale else float(diff)
+def gathered_worst(comm, errors: dict) -> dict:
+    """``{name: worst error over the ranks}`` (an allgather); a NaN on any rank counts as ``inf``."""
+    gathered = comm.allgather(errors)
+    names = list(errors)
+    if any(list(e) != names for e in gathered):
+        raise RuntimeError("the ranks compared different tensors")
+    return {name: max_error(e[name] for e in gathered) for name in names}
 
 
 def write_result(path, result, rank):
@@ -32,8 +33,3 @@ def write_result(path, result, rank):
         with open(path + ".tmp", "w") as handle:
             json.dump(result, handle, indent=1)
         os.replace(path + ".tmp", path)
-
-
-def worst(errors: dict) -> tuple[str, float]:
-    name = max(errors, key=errors.get)
-    return name, errors[name]

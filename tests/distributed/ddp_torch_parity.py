@@ -8,7 +8,10 @@ frozen in both.  Checked on every rank:
 * after one synchronised backward, every averaged gradient equals torch DDP's;
 * with gradient accumulation (two backward passes under ``no_sync()`` and a third synchronised one)
   the result again equals torch DDP's under its own ``no_sync()``;
-* the recorded events: which buckets started before the backward computation was over.
+* the recorded events: which buckets started before the backward computation was over;
+* every averaged gradient is the same whole array on both ranks;
+* buffer broadcast: with rank 1's BatchNorm buffers perturbed, the next training forward starts from
+  rank 0's buffers on both ranks, and each rank's buffers after it equal torch DDP's.
 """
 import sys
 
@@ -76,11 +79,14 @@ result["frozen_grad_is_none"] = all(g["conv1.weight"] == 0.0 for g in comm.allga
     model.conv1.weight.grad is None
 result["events"] = [(kind, detail) for kind, detail, _ in ddp.events]
 result["buckets"] = ddp.bucket_names
-gathered = comm.allgather(errors)
-result["step_errors_worst"] = common.worst({k: max(e[k] for e in gathered) for k in errors})
+result["step_errors_worst"] = common.worst(common.gathered_worst(comm, errors))
 result["gradients_compared"] = len(errors)
-local_grads = comm.allgather(float(np.abs(model.fc.weight.grad).sum()))
-result["ranks_agree"] = local_grads[0] == local_grads[1]
+# every averaged gradient, whole, is the same array on both ranks (bit for bit: one all-reduce)
+local_grads = comm.allgather({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+result["ranks_agree"] = list(local_grads[0]) == list(local_grads[1]) and len(local_grads[0]) == 37 and \
+    all(np.array_equal(local_grads[0][name], local_grads[1][name]) for name in local_grads[0])
+result["ranks_disagree_on"] = [name for name in local_grads[0]
+                               if not np.array_equal(local_grads[0][name], local_grads[1].get(name))]
 
 # gradient accumulation: two local backward passes, then a synchronised one
 model.zero_grad()
@@ -97,7 +103,31 @@ result["no_sync_kept_local"] = accumulated_differs[0] != accumulated_differs[1]
 numres_step(*micro[2])
 torch_step(*micro[2])
 errors = gradient_errors()
-gathered = comm.allgather(errors)
-result["no_sync_errors_worst"] = common.worst({k: max(e[k] for e in gathered) for k in errors})
+result["no_sync_errors_worst"] = common.worst(common.gathered_worst(comm, errors))
+
+# buffer broadcast: rank 1's BatchNorm buffers are perturbed (in both frameworks alike); the next
+# training forward must first copy rank 0's buffers to every rank (broadcast_buffers=True), then
+# update them with the local batch.  Each rank's buffers then equal torch DDP's on that rank, and
+# rank 1's running statistics no longer carry the perturbation.
+if rank == 1:
+    for (name, b), (_, tb) in zip(model.named_buffers(), reference.named_buffers()):
+        shift = 3 if b.dtype.kind == "i" else 0.25 + 0.5 * np.arange(b.size).reshape(b.shape)
+        b[...] = b + shift
+        with torch.no_grad():
+            tb.copy_(torch.from_numpy(np.asarray(b)))
+perturbed = comm.allgather({name: b.copy() for name, b in model.named_buffers()})
+result["buffers_differ_before_forward"] = all(not np.array_equal(perturbed[0][k], perturbed[1][k]) for k in perturbed[0])
+x, target = batch()
+numres_step(x, target)
+torch_step(x, target)
+buffer_errors = {}
+for (name, b), (torch_name, tb) in zip(model.named_buffers(), reference.named_buffers()):
+    assert name == torch_name
+    if b.dtype.kind == "i":
+        buffer_errors[name] = 0.0 if int(b) == int(tb) == int(perturbed[0][name]) + 1 else float("inf")
+    else:
+        buffer_errors[name] = common.rel_err(b, tb.numpy())
+result["buffer_errors_worst"] = common.worst(common.gathered_worst(comm, buffer_errors))
+result["buffers_compared"] = len(buffer_errors)
 tdist.destroy_process_group()
 common.write_result(out_path, result, rank)
