@@ -59,8 +59,9 @@ from . import init
 from .data import AUGMENTATION, DataLoader, ImageLoader, folder_datasets, load_dataset
 from .data.sampler import RankBatches, local_part
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .io import atomic_write, load, save
+from .io import atomic_write, load, load_weights, save
 from .models.cifar import CIFAR_MODELS
+from .models.identify import check_weights_fit
 from .nn import BatchNorm2d, CrossEntropyLoss, no_grad
 from .nn.parallel import DistributedDataParallel
 from .optim import SGD, Adam, AdamW
@@ -77,6 +78,14 @@ METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_ac
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the first non-finite layer."""
+
+
+class ConfigError(ValueError):
+    """A bad :class:`TrainConfig` value; ``field`` names it (the command line turns it into ``--option``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field, self.detail = field, message
 
 
 @dataclass
@@ -115,35 +124,42 @@ class TrainConfig:
 
     def __post_init__(self):
         self.backend = B.normalize_backend(self.backend)       # "cpu" / "cuda" name the numpy / cupy backends
+        for name in ("data_dir", "val_dir", "weights"):         # absolute: the run works from any directory
+            if getattr(self, name) is not None:
+                setattr(self, name, os.path.abspath(os.path.expanduser(os.fspath(getattr(self, name)))))
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+            raise ConfigError("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+            raise ConfigError("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "image_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("lr", "momentum", "weight_decay", "gamma", "label_smoothing", "warmup_start_factor"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+                raise ConfigError(name, f"must be a finite number >= 0, got {value}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ConfigError("lr", f"must be positive, got {self.lr}")
         if self.label_smoothing > 1:
-            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+            raise ConfigError("label_smoothing", f"must be in [0, 1], got {self.label_smoothing}")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
-            raise ValueError(f"warmup_epochs must be in 0..epochs-1, got {self.warmup_epochs} "
-                             f"for {self.epochs} epochs")
+            raise ConfigError("warmup_epochs", f"must be in 0..epochs-1, got {self.warmup_epochs} "
+                                               f"for {self.epochs} epochs")
         if self.subset is not None and self.subset < 1:
-            raise ValueError(f"subset must be positive, got {self.subset}")
-        if self.image_size < 1 or self.workers < 0 or not 0 < self.val_fraction < 1:
-            raise ValueError(f"image_size must be >= 1, workers >= 0 and val_fraction in (0, 1); got "
-                             f"{self.image_size}, {self.workers}, {self.val_fraction}")
+            raise ConfigError("subset", f"must be positive, got {self.subset}")
+        if self.workers < 0:
+            raise ConfigError("workers", f"must be at least 0, got {self.workers}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError("val_fraction", f"must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if self.freeze_backbone and not self.weights:
+            raise ConfigError("freeze_backbone", "needs weights to freeze (--weights FILE): a frozen random "
+                                                 "backbone gives the new fc nothing to learn from")
         if self.milestones is not None:
             self.milestones = sorted(int(m) for m in self.milestones)
             if any(m < 1 for m in self.milestones):
-                raise ValueError(f"milestones are epoch numbers >= 1, got {self.milestones}")
+                raise ConfigError("milestones", f"are epoch numbers >= 1, got {self.milestones}")
         elif self.schedule == "multistep":     # the paper's: at 50% and 75% of the run
             self.milestones = sorted({m for m in (self.epochs // 2, (3 * self.epochs) // 4) if 0 < m < self.epochs})
 
@@ -172,17 +188,28 @@ def build_model(name, num_classes, in_channels, backend="numpy", dtype="float32"
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
 
 
-def load_backbone(model, path):
+def load_backbone(model, path, model_name=None):
     """Load weights (a torchvision .pth, numres weights or a training checkpoint) into ``model``, except a
-    classifier ``fc`` of another size, which keeps its fresh initialisation (fine-tuning to new classes)."""
-    from .io import load_weights
+    classifier ``fc`` of another size, which keeps its fresh initialisation (fine-tuning to new classes).
+
+    Weights of another architecture, or of the same one with another input (a grey run's 1-channel stem
+    into a colour model), are refused in one line that names both."""
     path = checkpoint_file(path) if os.path.isdir(path) else path        # a run folder: its checkpoint
     state = dict(load_weights(path))
+    if model_name is not None:
+        check_weights_fit(state, model_name, hint="use --model {name}")
     parameters = dict(model.named_parameters())
     for key in ("fc.weight", "fc.bias"):
         current = parameters.get(key)
         if key in state and current is not None and tuple(np.shape(state[key])) != tuple(current.data.shape):
             state[key] = current.data
+    expected = model.state_dict()
+    for key, value in state.items():
+        if key in expected and tuple(np.shape(value)) != tuple(np.shape(expected[key])):
+            raise ValueError(f"{path} does not fit this {model_name or type(model).__name__}: {key} has shape "
+                             f"{tuple(np.shape(value))} in the file and {tuple(np.shape(expected[key]))} in the "
+                             f"model" + (" (the weights were trained on images with another number of channels)"
+                                         if key == "conv1.weight" else ""))
     model.load_state_dict(state)
 
 
@@ -274,8 +301,9 @@ class _EpochTotals:
 class Trainer:
     """Owns a run: data, model, optimizer, schedule, position and history.  ``fit()`` trains it."""
 
-    def __init__(self, config: TrainConfig, out_dir, *, progress=True, log=None):
+    def __init__(self, config: TrainConfig, out_dir, *, progress=True, log=None, _resuming=False):
         self.config = config
+        self._resuming = _resuming      # the checkpoint's weights replace --weights: that file is not read
         self.out_dir = os.fspath(out_dir)
         self.world_size, self.is_main = dist.get_world_size(), dist.is_main_process()
         if self.world_size > 1 and config.batch_size % self.world_size:
@@ -293,6 +321,9 @@ class Trainer:
         self._stop = False
         self.curves_written = False     # curves.png needs matplotlib
         self.resume_notes = []          # what changed when a run was resumed with other settings
+        self.command = None             # the command line that made the run (set by `numres train`)
+        self.cwd = os.getcwd()          # where it was started
+        self.previous_checkpoint = None     # an --overwrite run's: the replaced checkpoint.prev.npz, removed at the first save
 
         if config.dataset == "folder":
             self._build_folder_run(config)
@@ -305,6 +336,7 @@ class Trainer:
             init.manual_seed(config.seed)
             self.model, channels = build_model(config.model, len(self.classes), train.channels, config.backend,
                                                config.dtype)
+            self._start_from_weights(config)
             augment = AUGMENTATION[config.dataset] if config.augment else {}
             common = dict(mean=self.mean, std=self.std, channels=channels, backend=config.backend,
                           dtype=config.dtype)
@@ -330,17 +362,21 @@ class Trainer:
         self.input_shape = [3, config.image_size, config.image_size]
         init.manual_seed(config.seed)
         self.model, _ = build_model(config.model, len(self.classes), 3, config.backend, config.dtype)
-        if config.weights:
-            load_backbone(self.model, config.weights)
+        self._start_from_weights(config)
+        common = dict(num_workers=config.workers, backend=config.backend, dtype=config.dtype)
+        self.train_loader = ImageLoader(train, config.batch_size, shuffle=True, seed=config.seed,
+                                        drop_last=len(train) >= config.batch_size, **common)
+        self.test_loader = ImageLoader(test, config.eval_batch_size, **common)
+
+    def _start_from_weights(self, config):
+        """``--weights``: load them (all but an fc of another size); ``--freeze-backbone``: train only the fc."""
+        if config.weights and not self._resuming:
+            load_backbone(self.model, config.weights, config.model)
         if config.freeze_backbone:
             if not hasattr(self.model, "fc"):
                 raise ValueError(f"--freeze-backbone trains only the final fc layer, which {config.model} lacks")
             self.model.requires_grad_(False)
             self.model.fc.requires_grad_(True)
-        common = dict(num_workers=config.workers, backend=config.backend, dtype=config.dtype)
-        self.train_loader = ImageLoader(train, config.batch_size, shuffle=True, seed=config.seed,
-                                        drop_last=len(train) >= config.batch_size, **common)
-        self.test_loader = ImageLoader(test, config.eval_batch_size, **common)
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -363,6 +399,7 @@ class Trainer:
             "init_rng": init.get_rng_state(),
             "classes": self.classes, "mean": self.mean, "std": self.std,
             "history": self.history,
+            "command": self.command, "cwd": self.cwd,
             **({"input_shape": self.input_shape} if hasattr(self, "input_shape") else {}),
         }
 
@@ -376,6 +413,9 @@ class Trainer:
     def save_checkpoint(self):
         if self.is_main:
             save(self.state(), self.checkpoint_path)
+            if self.previous_checkpoint and os.path.exists(self.previous_checkpoint):
+                os.remove(self.previous_checkpoint)     # the new run has a checkpoint of its own now
+            self.previous_checkpoint = None
 
     def load_state(self, state: dict):
         """Continue from a checkpoint made by :meth:`state` (the model and loaders are already built)."""
@@ -401,20 +441,27 @@ class Trainer:
         self.train_loader.set_rng_state(state["loader_rng"])
         init.set_rng_state(state["init_rng"])
         self.history = list(state["history"])
+        self.command, self.cwd = state.get("command"), state.get("cwd")
         self.mean, self.std = np.asarray(state["mean"]), np.asarray(state["std"])
 
     @classmethod
-    def resume(cls, path, *, epochs=None, backend=None, data_dir=None, out_dir=None, **kwargs):
-        """A trainer continuing the run saved in ``path`` (a checkpoint, or the run's directory)."""
+    def resume(cls, path, *, epochs=None, backend=None, data_dir=None, val_dir=None, out_dir=None, **kwargs):
+        """A trainer continuing the run saved in ``path`` (a checkpoint, or the run's directory).
+
+        ``data_dir`` / ``val_dir`` point the run at data that has moved since."""
         path = checkpoint_file(path)
         state = load(path)
         check_checkpoint(state, path)
         values = dict(state["config"])
-        values.update({k: v for k, v in dict(epochs=epochs, backend=backend, data_dir=data_dir).items()
-                       if v is not None})
+        values.update({k: v for k, v in dict(epochs=epochs, backend=backend, data_dir=data_dir,
+                                             val_dir=val_dir).items() if v is not None})
+        if data_dir is None:
+            values["data_dir"] = run_data_path(values.get("data_dir"), state)
+        if val_dir is None:
+            values["val_dir"] = run_data_path(values.get("val_dir"), state, "val_dir")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         trainer = cls(TrainConfig(**{k: v for k, v in values.items() if k in known}),
-                      out_dir or os.path.dirname(os.path.abspath(path)), **kwargs)
+                      out_dir or os.path.dirname(os.path.abspath(path)), _resuming=True, **kwargs)
         trainer.load_state(state)
         return trainer
 
@@ -425,7 +472,8 @@ class Trainer:
 
         ``on_step(trainer)`` is called after every optimizer step (tests use it to interrupt).
         """
-        os.makedirs(self.out_dir, exist_ok=True)
+        if self.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
         # Overflow and NaN are detected and explained by the loop itself; NumPy's warnings would only repeat them.
         with self._catch_ctrl_c(), np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
                 warnings.catch_warnings():
@@ -621,16 +669,20 @@ def evaluate_model(model, loader, num_classes, criterion=None, shard=False) -> d
 
 # --- files --------------------------------------------------------------------------------------------
 
-def evaluate_checkpoint(path, split="test", data_dir=None, backend=None, batch_size=256) -> dict:
-    """``{"loss", "acc", "confusion", "classes", "count", "path"}`` for the checkpoint at ``path``."""
+def evaluate_checkpoint(path, split="test", data_dir=None, backend=None, batch_size=256, val_dir=None) -> dict:
+    """``{"loss", "acc", "confusion", "classes", "count", "path"}`` for the checkpoint at ``path``.
+
+    ``data_dir`` / ``val_dir`` replace the run's data folders (data that moved since the run)."""
     path = checkpoint_file(path)
     state = load(path)
     check_checkpoint(state, path)
     config = state["config"]
     backend = backend or config["backend"]
     classes = list(state["classes"])
+    data_dir = os.path.abspath(data_dir) if data_dir else run_data_path(config["data_dir"], state)
+    val_dir = os.path.abspath(val_dir) if val_dir else run_data_path(config.get("val_dir"), state, "val_dir")
     if config["dataset"] == "folder":      # the run's split, with the evaluation transform on both parts
-        train, test = folder_datasets(data_dir or config["data_dir"], config.get("val_dir"),
+        train, test = folder_datasets(data_dir, val_dir,
                                       config.get("val_fraction", 0.2), config["seed"], config["image_size"],
                                       augment=False)
         dataset = test if split == "test" else train
@@ -640,7 +692,7 @@ def evaluate_checkpoint(path, split="test", data_dir=None, backend=None, batch_s
         loader = ImageLoader(dataset, batch_size, num_workers=config.get("workers", 0), backend=backend,
                              dtype=config["dtype"])
     else:
-        dataset = load_dataset(config["dataset"], split, data_dir or config["data_dir"])
+        dataset = load_dataset(config["dataset"], split, data_dir)
         if config.get("subset"):
             dataset = dataset.subset(config["subset"])
         model, channels = build_model(config["model"], len(classes), dataset.channels, backend, config["dtype"])
@@ -651,6 +703,20 @@ def evaluate_checkpoint(path, split="test", data_dir=None, backend=None, batch_s
     result.update(classes=classes, count=len(dataset), path=path, epoch=int(state["epoch"]),
                   step_in_epoch=int(state["step_in_epoch"]), model=config["model"], dataset=config["dataset"])
     return result
+
+
+def run_data_path(path, state, what="data_dir"):
+    """A run's data folder as it can be found from here: absolute as saved, or (older runs) relative to the
+    directory the run was started in.  A missing folder is an error that says how to point at it."""
+    if path is None:
+        return None
+    candidates = [path] if os.path.isabs(path) else [os.path.join(state.get("cwd") or os.getcwd(), path), path]
+    for candidate in candidates:
+        if os.path.isdir(candidate):
+            return os.path.abspath(candidate)
+    option = "--" + what.replace("_", "-")
+    raise FileNotFoundError(f"the run's {'validation' if what == 'val_dir' else 'data'} folder {candidates[0]} "
+                            f"does not exist (moved or deleted?); point the run at it with {option} DIR")
 
 
 def checkpoint_file(path) -> str:
@@ -696,6 +762,10 @@ def write_curves(history, path) -> bool:
         axis.set_title(title)
         axis.grid(alpha=0.3)
         axis.legend()
+    losses = [r[key] for r in history for key in ("train_loss", "test_loss")]
+    if all(math.isfinite(v) and v > 0 for v in losses):
+        left.set_yscale("log")      # a first epoch's loss of 10+ would otherwise flatten the rest
+        left.set_title("cross-entropy loss (log scale)")
     figure.tight_layout()
     atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=100))
     plt.close(figure)

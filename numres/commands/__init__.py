@@ -58,6 +58,7 @@ def main(argv=None) -> int:
         if name == chosen:
             importlib.import_module(f"{__name__}.{name}").add_arguments(command)
     args = parser.parse_args(argv)
+    args.argv = argv            # the command line, stored with a training run
     if args.command is None:
         parser.print_help()
         return 2
@@ -66,8 +67,20 @@ def main(argv=None) -> int:
     module = importlib.import_module(f"{__name__}.{args.command}")
     try:
         return int(module.run(args) or 0)
+    except BrokenPipeError:             # the reader went away (`numres evaluate ... | head -1`): stop quietly
+        _silence_stdout()
+        return 141                      # 128 + SIGPIPE, the status a shell reports for other tools
     except user_errors() as exc:
         if os.environ.get("NUMRES_DEBUG"):
             raise
         print(f"numres {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _silence_stdout():
+    """Point stdout at /dev/null, so the interpreter's final flush into the closed pipe cannot complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):       # stdout is not a real file (captured by a test)
+        pass

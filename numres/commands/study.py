@@ -1,6 +1,7 @@
 """``numres study gradflow | degradation``: the experiments of :mod:`numres.study` from the command line."""
 from __future__ import annotations
 
+import os
 import sys
 
 from ..study import DEPTHS, Budget, run_degradation, run_gradflow
@@ -14,8 +15,11 @@ def add_arguments(parser):
                                               "on a batch of the embedded digits (CSV + PNG).")
     flow.add_argument("--depth", type=int, default=56, choices=DEPTHS, help="network depth (default: 56)")
     flow.add_argument("--batch-size", type=int, default=128, help="digits images in the batch (default: 128)")
-    flow.add_argument("--out", default="study-gradflow", help="output directory (default: study-gradflow)")
-    _common_arguments(flow)
+    flow.add_argument("--out", default=os.path.join("runs", "study-gradflow"),
+                      help="output directory (default: runs/study-gradflow)")
+    flow.add_argument("--seed", type=int, default=0,
+                      help="seeds the weights; the batch is always the first images (default: 0)")
+    _backend_argument(flow)
 
     degrade = experiments.add_parser("degradation", help="train plain and residual nets of two depths, same budget",
                                      description="Train plain and ResNet CIFAR nets of each depth with the same "
@@ -38,12 +42,14 @@ def add_arguments(parser):
                          help=f"default: {defaults.weight_decay}")
     degrade.add_argument("--no-augment", action="store_true", help="no random 1-pixel shifts")
     degrade.add_argument("--subset", type=int, default=None, help="use only the first N train and test images")
-    degrade.add_argument("--out", default="study-degradation", help="output directory (default: study-degradation)")
-    _common_arguments(degrade)
+    degrade.add_argument("--out", default=os.path.join("runs", "study-degradation"),
+                         help="output directory (default: runs/study-degradation)")
+    degrade.add_argument("--seed", type=int, default=0,
+                         help="seeds the weights, batches and augmentation (default: 0)")
+    _backend_argument(degrade)
 
 
-def _common_arguments(parser):
-    parser.add_argument("--seed", type=int, default=0, help="seeds the weights, batches and augmentation (default: 0)")
+def _backend_argument(parser):
     parser.add_argument("--backend", default="numpy", help="numpy (cpu) or cupy (cuda); default: numpy")
 
 
@@ -55,11 +61,15 @@ def run(args) -> int:
         run_gradflow(args.depth, args.batch_size, args.seed, args.backend, args.out)
         return 0
     if experiment == "degradation":
-        budget = Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        warmup_epochs=(min(Budget.warmup_epochs, max(args.epochs - 1, 0))
-                                       if args.warmup_epochs is None else args.warmup_epochs),
-                        weight_decay=args.weight_decay, augment=not args.no_augment, subset=args.subset,
-                        seed=args.seed, backend=args.backend)
+        try:
+            budget = Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            warmup_epochs=(min(Budget.warmup_epochs, max(args.epochs - 1, 0))
+                                           if args.warmup_epochs is None else args.warmup_epochs),
+                            weight_decay=args.weight_decay, augment=not args.no_augment, subset=args.subset,
+                            seed=args.seed, backend=args.backend)
+        except ValueError as exc:       # Budget names its field ("warmup_epochs must ..."): name the option
+            field, _, rest = str(exc).partition(" ")
+            raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
         run_degradation(tuple(dict.fromkeys(args.depths)), budget, args.out)
         return 0
     print("choose an experiment: numres study gradflow | numres study degradation (see --help)", file=sys.stderr)

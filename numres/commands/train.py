@@ -16,15 +16,19 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 
-from ..training import (DEFAULT_LR, OPTIMIZERS, SCHEDULES, NonFiniteLossError, Trainer, TrainConfig, checkpoint_file,
-                        model_names)
+from .. import distributed as dist
+from ..training import (DEFAULT_LR, OPTIMIZERS, SCHEDULES, ConfigError, NonFiniteLossError, Trainer, TrainConfig,
+                        checkpoint_file, model_names)
 from . import UsageError
 
 DEFAULTS = TrainConfig()
-RESUMABLE = ("epochs", "backend", "data_dir")
+RESUMABLE = ("epochs", "backend", "data_dir", "val_dir")
+RUN_FILES = ("checkpoint.npz", "checkpoint.prev.npz", "metrics.json")     # a folder with any of them holds a run
+PREVIOUS_CHECKPOINT = "checkpoint.prev.npz"
 
 
 def add_arguments(parser):
@@ -72,6 +76,10 @@ def add_arguments(parser):
                                      "(default: runs/DATASET-MODEL)")
     where.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
                        help="continue the run in --out (or the given checkpoint / run folder) exactly")
+    where.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --out (its checkpoint is kept as checkpoint.prev.npz until "
+                            "the new run writes its first); without it such an --out is refused, and without --out "
+                            "a new run goes to a new folder (runs/DATASET-MODEL, then -2, -3, ...)")
     where.add_argument("--threads", default="auto",
                        help="BLAS threads on the CPU; 'auto': 1 for images of 16x16 or less, whose GEMMs are "
                             "too small to split, else the library's default")
@@ -86,17 +94,75 @@ def _config_values(args) -> dict:
     return {name: value for name, value in vars(args).items() if name in names and value is not None}
 
 
+def holds_run(folder) -> bool:
+    """True when ``folder`` holds (part of) a run: a checkpoint, a kept previous checkpoint or metrics."""
+    return any(os.path.exists(os.path.join(folder, name)) for name in RUN_FILES)
+
+
+def _option(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _run_folder(args, config) -> tuple:
+    """``(folder, note)`` for a new run: never a folder that holds a run, unless --overwrite says so.
+
+    Without --out: runs/DATASET-MODEL, or the first of -2, -3, ... that holds no run.  In a job of many
+    processes rank 0 decides and tells the others, so they all agree."""
+    if dist.get_world_size() > 1 and dist.get_rank() != 0:
+        return dist.broadcast_object(None)
+    if args.out:
+        out, note = args.out, None
+        if holds_run(out):
+            if not args.overwrite:
+                raise UsageError(f"{out} already holds a run; continue it with --resume (numres train --out {out} "
+                                 f"--resume) or replace it with --overwrite")
+            note = (f"note: --overwrite: replacing the run in {out}; its checkpoint is kept as "
+                    f"{os.path.join(out, PREVIOUS_CHECKPOINT)} until this run writes its first")
+    else:
+        base = out = os.path.join("runs", f"{config.dataset}-{config.model}")
+        number = 2
+        while holds_run(out):
+            out, number = f"{base}-{number}", number + 1
+        note = f"run folder: {out}" + (f" ({base} holds an earlier run; --out names the folder)" if out != base else "")
+    if dist.get_world_size() > 1:
+        dist.broadcast_object((out, note))
+    return out, note
+
+
+def _set_aside_previous_run(trainer, out):
+    """--overwrite: the old checkpoint becomes checkpoint.prev.npz; the trainer removes it at its first save."""
+    if not trainer.is_main:
+        return
+    current, previous = os.path.join(out, "checkpoint.npz"), os.path.join(out, PREVIOUS_CHECKPOINT)
+    if os.path.exists(current):
+        os.replace(current, previous)
+    if os.path.exists(previous):
+        trainer.previous_checkpoint = previous
+
+
 def _trainer(args) -> Trainer:
+    try:
+        return _make_trainer(args)
+    except ConfigError as exc:          # name the option the user typed, not the config field
+        raise UsageError(f"{_option(exc.field)} {exc.detail}") from None
+
+
+def _make_trainer(args) -> Trainer:
     given = _config_values(args)
     if args.resume:
         refused = sorted(set(given) - set(RESUMABLE))
         if refused:
-            raise UsageError("with --resume the run's settings come from its checkpoint; only --epochs, --backend "
-                             f"and --data-dir can be given, not {', '.join('--' + n.replace('_', '-') for n in refused)}")
+            raise UsageError("with --resume the run's settings come from its checkpoint; only --epochs, --backend, "
+                             f"--data-dir and --val-dir can be given, not {', '.join(map(_option, refused))}")
+        if args.overwrite:
+            raise UsageError("--resume continues a run and --overwrite replaces one; give only one of them")
         source = args.out if args.resume is True else args.resume
         if source is None:
             raise UsageError("--resume needs a checkpoint or run folder (or --out pointing at the run)")
         path = checkpoint_file(source)
+        if args.out and args.resume is not True and holds_run(args.out) \
+                and os.path.abspath(os.path.dirname(path)) != os.path.abspath(args.out):
+            raise UsageError(f"{args.out} already holds another run; resume {source} into a new --out folder")
         print(f"resuming {path}", flush=True)
         trainer = Trainer.resume(path, out_dir=args.out, progress=args.progress, **given)
         for change in trainer.resume_notes:
@@ -105,10 +171,14 @@ def _trainer(args) -> Trainer:
     if given.get("optimizer", "sgd") != "sgd" and ("momentum" in given or "nesterov" in given):
         raise UsageError(f"--momentum and --nesterov belong to SGD; {given['optimizer']} uses its default betas")
     config = TrainConfig(**given)
-    out = args.out or os.path.join("runs", f"{config.dataset}-{config.model}")
-    if os.path.exists(os.path.join(out, "checkpoint.npz")):
-        print(f"note: replacing the run in {out} (use --resume to continue it)", flush=True)
-    return Trainer(config, out, progress=args.progress)
+    out, note = _run_folder(args, config)
+    if note:
+        print(note, flush=True)
+    trainer = Trainer(config, out, progress=args.progress)
+    trainer.command = shlex.join(["numres", *getattr(args, "argv", ["train"])])
+    if args.overwrite:
+        _set_aside_previous_run(trainer, out)
+    return trainer
 
 
 def _thread_count(requested: str):
@@ -160,7 +230,6 @@ def _listing(names) -> str:
 
 def run(args) -> int:
     """One process, or one rank of ``mpiexec -n N``: a raising rank aborts the whole job with its message."""
-    from .. import distributed as dist
     nproc = getattr(args, "nproc", None)
     if nproc is not None and nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
@@ -180,12 +249,13 @@ def run(args) -> int:
         if os.environ.get("NUMRES_DEBUG"):
             import traceback
             traceback.print_exc()
-        dist.abort(f"numres train: error: {type(exc).__name__}: {exc}")
+        from . import user_errors
+        what = "" if isinstance(exc, user_errors()) else f"{type(exc).__name__}: "
+        dist.abort(f"numres train: error: {what}{exc}")
 
 
 def _launch(nproc) -> int:
     """``--nproc N`` from the command line: run this same command under ``mpiexec -n N``."""
-    from .. import distributed as dist
     rest, skip, found = [], False, False
     for arg in sys.argv[1:]:
         if skip:
