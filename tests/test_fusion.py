@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
+from error_measure import worst
 from torch_reference import build, load_numres_state, model_parity, randomize_batchnorms, rel_err
 
 import numres as nr
@@ -86,16 +87,23 @@ def test_folded_float32_against_float64_truth(name):
 @pytest.mark.parametrize("algorithm", ["im2col", "winograd"])
 def test_eval_backward_through_folded_model_matches_torch(name, algorithm):
     """Gradients through a folded evaluation-mode model are the unfolded model's: checked against
-    PyTorch's autograd in float64 (input gradient, every parameter gradient, buffers untouched)."""
+    PyTorch's autograd in float64 (input gradient, every parameter gradient, buffers untouched).
+    The forward must really have folded every BatchNorm (checked between forward and backward)."""
     model = make(name, seed=3)
     reference = build(name, num_classes=10).double().eval()
     load_numres_state(reference, model)
     x, upstream = image(), RNG.standard_normal((2, 10))
+    folded = []
+
+    def every_batchnorm_folded(m):
+        folded.append([isinstance(bn._cache, FoldedBatchNormCache) for bn in batchnorms(m)])
+
     with nr.functional.conv_algorithm(algorithm):
-        errors = model_parity(model, reference, x, upstream)
+        errors = model_parity(model, reference, x, upstream, after_forward=every_batchnorm_folded)
         assert all(isinstance(bn._cache, type(None)) for bn in batchnorms(model))   # freed after backward
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= 1e-10, (worst, errors[worst])
+    assert len(folded) == 1 and len(folded[0]) == len(batchnorms(model)) and all(folded[0]), folded
+    name, error = worst(errors)
+    assert error <= 1e-10, (name, error)
 
 
 class ConvBn(nr.nn.Module):

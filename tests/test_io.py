@@ -213,10 +213,16 @@ def test_npz_saved_as_pth_loads_as_weights(tmp_path):
 
 
 def test_npz_suffix_does_not_warn(tmp_path):
+    """A name ending in .npz (any case) is kept as given, with no warning, and the file holds the values."""
+    values = np.random.default_rng(5).standard_normal((2, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        nr.save({"w": np.zeros(2)}, tmp_path / "model.npz")
-        nr.save({"w": np.zeros(2)}, tmp_path / "upper.NPZ")
+        nr.save({"w": values}, tmp_path / "model.npz")
+        nr.save({"w": values}, tmp_path / "upper.NPZ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz", "upper.NPZ"]   # no added suffix
+    for name in ("model.npz", "upper.NPZ"):
+        loaded = nr.load(tmp_path / name)
+        assert list(loaded) == ["w"] and np.array_equal(loaded["w"], values), name
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import numres as nr
 from numres import study
 from numres.commands import main
-from torch_reference import build, load_numres_state, randomize_batchnorms
+from torch_reference import BasicBlock, ResNet, build, load_numres_state, randomize_batchnorms
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -162,15 +162,27 @@ def test_gradient_flow_bad_input_is_named_and_hooks_are_removed(rng):
 
 
 def test_gradient_flow_on_each_backend(backend, rng):
-    """The same numbers on every backend (float64); on CuPy nothing leaves the device until the end."""
+    """Every backend against PyTorch autograd (float64), not against another numres run: a small
+    torchvision-style ResNet with random BatchNorm state; on CuPy nothing leaves the device until the end."""
     nr.manual_seed(1)
-    model = nr.resnet20(num_classes=10, in_channels=1, dtype="float64")
-    x, y = rng.standard_normal((4, 1, 8, 8)), rng.integers(0, 10, 4)
-    expected = study.gradient_flow(copy.deepcopy(model), x, y)
+    model = nr.ResNet(nr.BasicBlock, [1, 1, 1, 1], num_classes=6, dtype="float64")
+    randomize_batchnorms(model, seed=2)
+    reference = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=6).double()
+    load_numres_state(reference, model)
+    x, y = rng.standard_normal((3, 3, 16, 16)), rng.integers(0, 6, 3)
+    _, norms_t, blocks_t = _torch_reference_flow(reference, torch.from_numpy(x).requires_grad_(True),
+                                                 torch.from_numpy(y))
+    params_t = dict(reference.named_parameters())
     model.to(backend)
     flow = study.gradient_flow(model, nr.backend.asarray(x, backend), nr.backend.asarray(y, backend))
-    for field in ("input_grad_norm", "weight_grad_norm", "weight_norm"):
-        np.testing.assert_allclose(flow.column(field), expected.column(field), rtol=1e-10)
+    assert sorted(flow.names) == sorted(norms_t)
+    np.testing.assert_allclose(flow.column("input_grad_norm"), [norms_t[n] for n in flow.names], rtol=1e-10)
+    np.testing.assert_allclose(flow.column("weight_grad_norm"),
+                               [float(params_t[n + ".weight"].grad.norm()) for n in flow.names], rtol=1e-10)
+    np.testing.assert_allclose(flow.column("weight_norm"),
+                               [float(params_t[n + ".weight"].detach().norm()) for n in flow.names], rtol=1e-12)
+    assert list(flow.blocks) == list(blocks_t)
+    np.testing.assert_allclose(list(flow.blocks.values()), list(blocks_t.values()), rtol=1e-10)
 
 
 def _read_csv(path):

@@ -205,11 +205,16 @@ def torch_pass(torch_model, x, upstream) -> dict:
             "buffers": {k: _host(b).copy() for k, b in torch_model.named_buffers()}}
 
 
-def numres_pass(nr_model, x, upstream) -> dict:
-    """The same for a numres model; ``x`` keeps its memory layout (a channels-last view stays one)."""
+def numres_pass(nr_model, x, upstream, after_forward=None) -> dict:
+    """The same for a numres model; ``x`` keeps its memory layout (a channels-last view stays one).
+
+    ``after_forward(nr_model)``, if given, runs between forward and backward (to check what the
+    forward left in the caches, e.g. that BatchNorm folded)."""
     nr_model.zero_grad()
     convert = numres.backend.convert
     logits = nr_model(convert(x, nr_model.backend, nr_model.dtype))
+    if after_forward is not None:
+        after_forward(nr_model)
     dx = nr_model.backward(convert(upstream, nr_model.backend, nr_model.dtype))
     return {"logits": _host(logits), "input_grad": _host(dx),
             "param_grads": {k: _host(p.grad) for k, p in nr_model.named_parameters()},
@@ -237,6 +242,6 @@ def compare_passes(result, reference) -> dict:
     return errors
 
 
-def model_parity(nr_model, torch_model, x, upstream) -> dict:
+def model_parity(nr_model, torch_model, x, upstream, after_forward=None) -> dict:
     """Errors of one numres forward/backward against the reference (both holding equal weights)."""
-    return compare_passes(numres_pass(nr_model, x, upstream), torch_pass(torch_model, x, upstream))
+    return compare_passes(numres_pass(nr_model, x, upstream, after_forward), torch_pass(torch_model, x, upstream))
