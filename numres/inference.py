@@ -47,6 +47,39 @@ def _is_training_checkpoint(path) -> bool:
     return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
 
 
+def load_model(path, backend: str = "numpy", dtype: str | None = None):
+    """The model of a numres run folder or training checkpoint, a numres ``.npz`` state dict or a torchvision
+    ``.pth``, rebuilt with its weights and in eval mode.
+
+    A training checkpoint names its architecture, classes and input channels; for a bare state dict they
+    are recognised from its keys and shapes (:func:`numres.models.identify.identify`).  ``dtype``: the
+    run's (float32 for a state dict) unless given.
+
+        model = nr.load_model("runs/digits-resnet20")          # resnet20, 10 classes, 1 input channel
+        model = nr.load_model("resnet50-0676ba61.pth")         # torchvision's ResNet-50
+    """
+    from . import models
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such run folder or weights file: {path}")
+    if _is_training_checkpoint(path):
+        from .training import build_model, check_checkpoint, checkpoint_file
+        path = checkpoint_file(path)
+        state = load(path)
+        check_checkpoint(state, path)
+        config = state["config"]
+        channels = int(np.shape(state["model"]["conv1.weight"])[1])
+        model, _ = build_model(config["model"], len(state["classes"]), channels, backend, dtype or config["dtype"])
+        model.load_state_dict(state["model"])
+        return model.eval()
+    state = load_weights(path)
+    found = identify(state)
+    if found.name is None:
+        raise ValueError(f"{path} holds {found.description}, which no numres builder makes")
+    return getattr(models, found.name)(weights=path, backend=backend, dtype=dtype or "float32").eval()
+
+
 def load_classifier(weights, model_name: str | None = None, backend: str = "numpy") -> Classifier:
     """A :class:`Classifier` for ``weights`` (see the module docstring); ``model_name`` is optional and checked."""
     weights = os.fspath(weights)

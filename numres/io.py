@@ -27,6 +27,8 @@ import zipfile
 import numpy as np
 
 from . import backend as B
+from .errors import CheckpointError
+from .torch_checkpoint import load_torch_checkpoint
 
 MANIFEST = "__numres_manifest__"
 FORMAT_VERSION = 1
@@ -34,9 +36,7 @@ EXPECTED = "numres expected a NumPy .npz archive (a zip of .npy arrays) written 
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")          # a zip's first entry, or an empty zip's end record
 NPY_MAGIC = b"\x93NUMPY"
 
-
-class CheckpointError(ValueError):
-    """A file is missing, truncated, or not in the expected format."""
+__all__ = ["CheckpointError", "atomic_write", "save", "load", "load_weights", "is_torch_checkpoint"]
 
 
 def _encode(obj, arrays: dict):
@@ -235,14 +235,18 @@ def is_torch_checkpoint(path) -> bool:
 
 
 def load_weights(path) -> dict:
-    """A model state dict from a numres ``.npz`` file or a PyTorch ``.pth`` checkpoint (no PyTorch needed)."""
+    """A model state dict from a numres ``.npz`` file, a training checkpoint or its run folder, or a PyTorch
+    ``.pth`` checkpoint (no PyTorch needed)."""
     path = os.fspath(path)
+    if os.path.isdir(path):             # a run folder of `numres train`: its checkpoint
+        path = os.path.join(path, "checkpoint.npz")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no checkpoint.npz in the folder {os.path.dirname(path)}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such weights file: {path}")
     # By content first: numres.save may have written an .npz under a .pth name (it warns).  A .pth/.pt
     # file that is not a zip at all is left to the PyTorch reader, which explains the legacy format.
     if is_torch_checkpoint(path) or (path.endswith((".pth", ".pt")) and not zipfile.is_zipfile(path)):
-        from .torch_checkpoint import load_torch_checkpoint
         state = load_torch_checkpoint(path)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]

@@ -31,7 +31,7 @@ import zipfile
 
 import numpy as np
 
-from .io import CheckpointError
+from .errors import CheckpointError
 
 __all__ = ["load_torch_checkpoint", "TorchCheckpointError", "UnsafeCheckpointError"]
 

@@ -314,3 +314,17 @@ def test_pickle_bytes_are_never_handed_to_pickle_load(tmp_path, monkeypatch):
     torch.save({"w": torch.ones(2)}, buffer)
     path.write_bytes(buffer.getvalue())
     assert load_torch_checkpoint(path)["w"].tolist() == [1.0, 1.0]
+
+
+def test_load_model_recognises_a_torchvision_file(tmp_path):
+    """nr.load_model rebuilds the architecture named by the file's keys and shapes, with its classes."""
+    reference = _randomized_reference("resnet18", seed=2, num_classes=5)
+    path = tmp_path / "any-name.pth"
+    torch.save(reference.state_dict(), path)
+    model = nr.load_model(path)
+    assert isinstance(model, nr.ResNet) and model.fc.out_features == 5 and not model.training
+    x = np.random.default_rng(2).standard_normal((1, 3, 32, 32))
+    with torch.no_grad():
+        expected = reference.double()(torch.from_numpy(x)).numpy()
+    actual = nr.to_numpy(model(x.astype(np.float32)))
+    assert np.abs(actual - expected).max() / np.abs(expected).max() < 1e-4

@@ -20,8 +20,10 @@ it.  Convolutions get Kaiming-normal init (fan_out), as in :mod:`numres.models.r
 from __future__ import annotations
 
 from .. import init
+from ..io import load_weights
 from ..nn import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Linear, Module, ReLU, Sequential
 from ..nn.fusion import conv_bn
+from .identify import check_weights_fit
 from .resnet import BasicBlock, conv3x3
 
 __all__ = ["ZeroPadShortcut", "PlainBlock", "CifarResNet", "resnet20", "resnet32", "resnet44", "resnet56",
@@ -142,12 +144,25 @@ class CifarResNet(Module):
 
 def _builder(n, shortcuts, depth):
     kind = "ResNet" if shortcuts else "plain net"
+    name = f"{'resnet' if shortcuts else 'plain'}{depth}"
 
-    def build(*, num_classes=10, in_channels=3, backend="numpy", dtype="float32"):
-        return CifarResNet(n, num_classes, in_channels, shortcuts, backend=backend, dtype=dtype)
+    def build(*, weights=None, num_classes=None, in_channels=None, backend="numpy", dtype="float32"):
+        state = None
+        if weights is not None:         # the classes and channels come from the weights unless given
+            state = load_weights(weights)
+            check_weights_fit(state, name, hint="use numres.{name}(weights=...)")
+            num_classes = num_classes or int(state["fc.weight"].shape[0])
+            in_channels = in_channels or int(state["conv1.weight"].shape[1])
+        model = CifarResNet(n, num_classes or 10, in_channels or 3, shortcuts, backend=backend, dtype=dtype)
+        if state is not None:
+            model.load_state_dict(state)
+        return model
 
-    build.__name__ = f"{'resnet' if shortcuts else 'plain'}{depth}"
-    build.__doc__ = f"The {depth}-layer CIFAR {kind} of He et al. 2015 (n = {n} blocks per stage)."
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = (f"The {depth}-layer CIFAR {kind} of He et al. 2015 (n = {n} blocks per stage).\n\n"
+                     f"``weights``: a run folder or checkpoint of ``numres train``, a numres ``.npz`` or a ``.pth`` "
+                     f"state dict; ``num_classes`` (default 10) and ``in_channels`` (default 3) are then read "
+                     f"from it.")
     return build
 
 
