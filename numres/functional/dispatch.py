@@ -5,10 +5,14 @@ A backend may register a faster version of an op (a CUDA kernel, say) under the
 same name and signature; :func:`ops_for` hands modules the registered version
 where there is one and the generic one otherwise.  Tests check each registered
 kernel against the generic op it replaces.
+
+Inside ``nr.reference_mode()`` every backend gets :mod:`numres.reference` instead: the
+textbook functions, under the same names and signatures, so that a whole model runs on them.
 """
 from __future__ import annotations
 
 import numres.functional as generic
+from numres.config import is_reference_mode
 
 _KERNELS: dict[str, dict[str, object]] = {}
 
@@ -41,7 +45,11 @@ class Ops:
 _NAMESPACES: dict[str, Ops] = {}
 
 
-def ops_for(backend: str) -> Ops:
+def ops_for(backend: str):
+    """The ops a module on ``backend`` calls: :mod:`numres.reference` in reference mode, else the engine's."""
+    if is_reference_mode():
+        import numres.reference
+        return numres.reference
     if backend not in _NAMESPACES:
         _NAMESPACES[backend] = Ops(backend)
     return _NAMESPACES[backend]

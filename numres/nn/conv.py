@@ -8,6 +8,7 @@ from .. import backend as B
 from .. import init
 from ..functional import conv as F
 from ..functional.fused import FoldedConvCache, folded_conv_bn_backward
+from ..config import is_reference_mode
 from ..functional import conv_algorithms
 from .module import Module, Parameter
 
@@ -70,7 +71,12 @@ class Conv2d(Module):
         self.check_input(x, ndim=4, channels=self.in_channels)
         weight, bias = self.weight.data, None if self.bias is None else self.bias.data
         plain_padding = self._plain_padding()
-        if plain_padding is not None:
+        if is_reference_mode():         # the textbook convolution, whatever the algorithm setting
+            padding = plain_padding if plain_padding is not None else \
+                F.conv_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+            y, cache = self.ops.conv2d_forward(x, weight, bias, self.stride, padding, self.dilation, self.groups,
+                                               padding_mode=self.padding_mode)
+        elif plain_padding is not None:
             y, cache = conv_algorithms.conv2d_forward(x, weight, bias, self.stride, plain_padding, self.dilation,
                                                       self.groups, ops=self.ops)
         else:   # "same" with an odd total, or a non-zero padding mode: padded explicitly first

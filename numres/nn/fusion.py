@@ -27,12 +27,14 @@ convolution or its BatchNorm (or the downsample Sequential holding them) has a f
 forward-pre or backward hook registered: hooks on a BatchNorm always fire, with the BatchNorm's
 real input and output.  Only exact ``Conv2d`` -> ``BatchNorm2d`` pairs with running statistics
 fold (a subclass such as SyncBatchNorm, or ``track_running_stats=False``, runs unfolded).
+Nothing folds in ``nr.reference_mode()``: the textbook tier has no fused steps.
 """
 from __future__ import annotations
 
 import contextlib
 from typing import NamedTuple
 
+from ..config import is_reference_mode
 from ..functional import conv_algorithms
 from ..functional.fused import FoldedConvCache, conv2d_bias_relu_forward, fold_conv_bn
 from . import module as M
@@ -79,7 +81,7 @@ def _has_hooks(module) -> bool:
 
 def can_fold(conv, bn) -> bool:
     """Whether ``bn(conv(x))`` runs folded now (evaluation mode, folding on, no hooks, plain pair)."""
-    return (_folding["enabled"] and type(conv) is Conv2d and type(bn) is BatchNorm2d
+    return (_folding["enabled"] and not is_reference_mode() and type(conv) is Conv2d and type(bn) is BatchNorm2d
             and not conv.training and not bn.training and bn.running_mean is not None
             and conv.out_channels == bn.num_features and conv.backend == bn.backend and conv.dtype == bn.dtype
             and conv._plain_padding() is not None and not _has_hooks(conv) and not _has_hooks(bn))
