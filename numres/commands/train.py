@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 from .. import distributed as dist
+from ..cpu_info import slow_blas_warning
 from ..training import (DEFAULT_LR, OPTIMIZERS, SCHEDULES, ConfigError, NonFiniteLossError, Trainer, TrainConfig,
                         checkpoint_file, model_names)
 from . import UsageError
@@ -282,6 +283,10 @@ def _run(args) -> int:
         print(f"the run in {trainer.out_dir} has already finished its {_plural(c.epochs, 'epoch')}; nothing to do "
               f"(give --epochs N with N > {c.epochs} to train it longer)")
         return 0
+    if c.backend == "numpy":
+        warning = slow_blas_warning()
+        if warning:
+            print(warning, flush=True)
     count = sum(p.size for p in trainer.model.parameters())
     print(f"{c.model} ({count:,} parameters) on {c.dataset}: {len(trainer.train_loader.dataset)} train / "
           f"{len(trainer.test_loader.dataset)} test images, {_plural(c.epochs, 'epoch')} of {len(trainer.train_loader)} "
