@@ -4,6 +4,7 @@
   (1,437 train / 360 test grey 8x8 images; see :mod:`numres.data.digits`).
 * ``load_dataset("cifar10", split, data_dir)`` - CIFAR-10 from its python batch files
   (see :mod:`numres.data.cifar`).
+* :class:`TensorDataset` - arrays sharing their first axis, indexed together (PyTorch's).
 * :class:`DataLoader` - seeded shuffling, batching, augmentation and normalisation on
   the model's backend.
 * :class:`ImageFolder` - a folder of images, one sub-folder per class (torchvision's layout),
@@ -20,6 +21,7 @@ from .digits import load_digits
 from . import transforms
 from .imagefolder import IMG_EXTENSIONS, BadImageError, ImageFolder, make_shapes_folder
 from .loader import DataLoader, ImageDataset
+from .tensor_dataset import TensorDataset
 from .workers import ImageLoader, LoaderWorkerError, WorkerDiedError
 from .sampler import DistributedEvalSampler, DistributedSampler, RankBatches, local_part, shard
 
@@ -73,7 +75,7 @@ def folder_datasets(data_dir, val_dir=None, val_fraction=0.2, seed=0, image_size
 
 
 __all__ = ["DATASETS", "AUGMENTATION", "load_dataset", "load_digits", "load_cifar10", "CifarFormatError",
-           "DataLoader", "ImageDataset", "DistributedSampler",
+           "DataLoader", "ImageDataset", "TensorDataset", "DistributedSampler",
            "DistributedEvalSampler", "shard", "RankBatches", "local_part",
            "transforms", "ImageFolder", "BadImageError", "IMG_EXTENSIONS", "make_shapes_folder", "folder_datasets",
            "eval_resize", "ImageLoader", "WorkerDiedError", "LoaderWorkerError"]

@@ -32,10 +32,17 @@ class PoolGeometry(NamedTuple):
     extra: tuple    # cells of padding added at the bottom/right for ceil_mode's last window
 
 
+def is_default_stride(stride) -> bool:
+    """True for PyTorch's ways of saying "the stride is the kernel size": None, or an empty ``()`` / ``[]``."""
+    return stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0)
+
+
 def pool_geometry(x_shape, kernel_size, stride, padding, dilation=1, ceil_mode=False):
-    """Window geometry for pooling ``x_shape``; checks PyTorch's padding rule."""
+    """Window geometry for pooling ``x_shape``; checks PyTorch's padding rule.
+
+    ``stride`` None or ``()`` (PyTorch's default) means ``kernel_size``."""
     kernel = pair(kernel_size, "kernel_size", minimum=1)
-    stride = pair(stride if stride is not None else kernel_size, "stride", minimum=1)
+    stride = pair(kernel_size if is_default_stride(stride) else stride, "stride", minimum=1)
     padding, dilation = pair(padding, "padding"), pair(dilation, "dilation", minimum=1)
     for k, p in zip(kernel, padding):
         if p > k // 2:

@@ -116,7 +116,14 @@ class Bottleneck(Module):
 
 
 class ResNet(Module):
-    """torchvision's ResNet: a 7x7 stem, four stages of blocks, global average pooling and a classifier."""
+    """torchvision's ResNet: a 7x7 stem, four stages of blocks, global average pooling and a classifier.
+
+    Takes ``(N, 3, H, W)`` images, or one unbatched ``(3, H, W)`` image, as PyTorch's layers do: that
+    runs as a batch of one and gives ``(num_classes,)`` logits, and backward then takes a
+    ``(num_classes,)`` gradient and returns a ``(3, H, W)`` one.
+    """
+
+    accepts_unbatched = True
 
     def __init__(self, block, layers, num_classes=1000, zero_init_residual=False, groups=1, width_per_group=64,
                  replace_stride_with_dilation=None, *, backend="numpy", dtype="float32"):

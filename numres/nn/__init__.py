@@ -5,11 +5,12 @@ from .containers import Flatten, Identity, ModuleDict, ModuleList, Sequential
 from .conv import Conv2d
 from .dropout import Dropout, Dropout2d
 from .linear import Linear
-from .loss import CrossEntropyLoss
+from .loss import CrossEntropyLoss, MSELoss
 from .module import Module, Parameter, StateDictError, is_grad_enabled, no_grad
 from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, MaxUnpool2d
 from .sync_batchnorm import SyncBatchNorm
 from . import parallel  # noqa: E402  (nn.parallel.DistributedDataParallel)
+from . import init, utils  # noqa: E402  (nn.init.kaiming_normal_, nn.utils.clip_grad_norm_)
 from .fusion import batchnorm_folding, is_batchnorm_folding_enabled, set_batchnorm_folding
 
 __all__ = ["Module", "Parameter", "StateDictError", "no_grad", "is_grad_enabled", "Conv2d", "BatchNorm2d",
@@ -18,3 +19,4 @@ __all__ = ["Module", "Parameter", "StateDictError", "no_grad", "is_grad_enabled"
 __all__ += ["Dropout", "Dropout2d", "ModuleList", "ModuleDict"]
 __all__ += ["SyncBatchNorm", "parallel"]
 __all__ += ["batchnorm_folding", "is_batchnorm_folding_enabled", "set_batchnorm_folding"]
+__all__ += ["MSELoss", "init", "utils"]

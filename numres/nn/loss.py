@@ -122,3 +122,68 @@ class CrossEntropyLoss(Module):
 
     def extra_repr(self):
         return ""
+
+
+class MSELoss(Module):
+    """Mean squared error with PyTorch's arguments and definitions:
+    ``loss_i = (input_i - target_i)^2``, then the mean (``reduction="mean"``, the default), the sum
+    (``"sum"``) or nothing (``"none"``: the elementwise losses, of the input's shape).
+
+    Backward returns ``dL/dinput = 2 (input - target) * g`` (divided by the number of elements for the
+    mean), with ``g`` the upstream gradient: 1 by default for a reduced loss, an array of the input's
+    shape for ``"none"``.
+
+    ``input`` and ``target`` are floating arrays of one shape, dtype and backend; PyTorch broadcasts a
+    different target shape with a warning, numres refuses it.  On the NumPy backend a non-finite loss
+    raises :class:`FloatingPointError`.
+    """
+
+    def __init__(self, size_average=None, reduce=None, reduction="mean", *, backend="numpy", dtype="float32"):
+        super().__init__(backend=backend, dtype=dtype)
+        reduction = _legacy_reduction(size_average, reduce, reduction)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
+
+    def forward(self, input, target):
+        if not isinstance(input, self.xp.ndarray):
+            raise TypeError(f"MSELoss is on backend {self.backend!r} and expects a {self.xp.ndarray.__module__}"
+                            f".ndarray input, got {type(input).__module__}.{type(input).__name__}")
+        if not isinstance(target, type(input)):
+            raise TypeError(f"MSELoss expects target on the input's backend ({type(input).__module__}), got "
+                            f"{type(target).__module__}.{type(target).__name__}")
+        if input.dtype.kind != "f" or target.dtype != input.dtype:
+            raise TypeError(f"MSELoss expects floating input and target of one dtype, got {input.dtype} and "
+                            f"{target.dtype}")
+        if tuple(input.shape) != tuple(target.shape):
+            raise ValueError(f"MSELoss: target shape {tuple(target.shape)} differs from input shape "
+                             f"{tuple(input.shape)} (numres does not broadcast them)")
+        xp = B.xp_of(input)
+        diff = input - target
+        squared = diff * diff
+        if self.reduction == "mean":
+            loss = xp.asarray(squared.mean())
+        elif self.reduction == "sum":
+            loss = xp.asarray(squared.sum())
+        else:
+            loss = squared
+        if B.backend_of(input) == "numpy" and input.size and not np.all(np.isfinite(loss)):
+            raise FloatingPointError("MSELoss is not finite: the input or target contains NaN or infinity")
+        self.save_for_backward((diff, input.size))
+        return loss
+
+    def backward(self, grad_output=None):
+        """``dL/dinput``; ``grad_output`` defaults to 1 for a reduced loss and must be given for ``"none"``."""
+        diff, count = self.saved_cache()
+        if grad_output is None:
+            if self.reduction == "none":
+                raise RuntimeError("MSELoss(reduction='none') returns one loss per element: backward() needs "
+                                   "their gradient, an array of the input's shape")
+            grad_output = 1.0
+        scale = 2.0 / max(count, 1) if self.reduction == "mean" else 2.0
+        grad = diff * grad_output
+        grad *= diff.dtype.type(scale)
+        return grad
+
+    def extra_repr(self):
+        return ""

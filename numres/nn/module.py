@@ -94,6 +94,10 @@ class Parameter:
     def size(self):
         return self.data.size
 
+    def numel(self) -> int:
+        """The number of elements, as ``torch.Tensor.numel()``: ``sum(p.numel() for p in model.parameters())``."""
+        return int(self.data.size)
+
     def requires_grad_(self, requires_grad: bool = True):
         """Freeze (False) or unfreeze (True) this parameter in place; returns it, as PyTorch's does."""
         self.requires_grad = bool(requires_grad)
@@ -146,7 +150,8 @@ def _wrap_backward(backward):
     1. checks the upstream gradient against the last output (backend, shape, dtype);
     2. takes ``retain_graph`` off the arguments: when given, it holds for this module and for
        every module whose backward runs inside this call (the children of a model);
-    3. feeds an unbatched ``(C, H, W)`` forward's gradient in as a batch of one;
+    3. feeds the gradient of an unbatched forward (a ``(C, H, W)`` layer output, a model's
+       ``(num_classes,)`` logits) in as a batch of one, and drops that axis from the input gradient;
     4. frees the module's cache once its backward has succeeded, unless retained;
     5. runs the full backward hooks, which may replace the input gradient.
 
@@ -168,7 +173,7 @@ def _wrap_backward(backward):
         state["_running_backward"] = True
         try:
             if state.get("_unbatched", False):
-                grad_input = _drop_batch_dim(backward(self, _add_batch_dim(grad_output), *args, **kwargs))
+                grad_input = _drop_batch_dim(backward(self, _restore_batch_dim(grad_output), *args, **kwargs))
             else:
                 grad_input = backward(self, grad_output, *args, **kwargs)
         finally:
@@ -224,6 +229,14 @@ def _add_batch_dim(value):
     if isinstance(value, tuple):
         return tuple(_add_batch_dim(item) for item in value)
     return value[None] if getattr(value, "ndim", None) == 3 else value
+
+
+def _restore_batch_dim(value):
+    """The upstream gradient of an unbatched forward, whose output lost its batch axis: that axis put back
+    on every array (``(C, H, W) -> (1, C, H, W)``, a model's ``(K,) -> (1, K)``)."""
+    if isinstance(value, tuple):
+        return tuple(_restore_batch_dim(item) for item in value)
+    return value[None] if getattr(value, "ndim", None) is not None else value
 
 
 def _drop_batch_dim(value):
@@ -428,6 +441,14 @@ class Module:
         return handle
 
     # --- traversal ----------------------------------------------------------------------------
+
+    def apply(self, fn):
+        """Call ``fn(module)`` on every submodule, children before their parent and ``self`` last, as
+        PyTorch's ``Module.apply`` does (``model.apply(init_weights)``); returns ``self``."""
+        for child in self.children():
+            child.apply(fn)
+        fn(self)
+        return self
 
     def named_children(self):
         return iter(self._modules.items())

@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 from ..functional.conv import pair
+from ..functional.pooling import is_default_stride
 from .module import Module
 
 
 def _check_window(kernel_size, stride, padding, dilation=1):
     """Refuse impossible window arguments when the layer is built, with PyTorch's rules."""
     pair(kernel_size, "kernel_size", minimum=1)
-    if stride is not None:
+    if not is_default_stride(stride):
         pair(stride, "stride", minimum=1)
     pair(padding, "padding")
     pair(dilation, "dilation", minimum=1)
+
+
+def _stride(pool):
+    """The pool's stride for the ops: ``stride=()`` is kept as given (PyTorch prints it so) and means the kernel size."""
+    return pool.kernel_size if is_default_stride(pool.stride) else pool.stride
 
 
 class MaxPool2d(Module):
@@ -35,7 +41,7 @@ class MaxPool2d(Module):
 
     def forward(self, x):
         self.check_input(x, ndim=4)
-        arguments = (x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        arguments = (x, self.kernel_size, _stride(self), self.padding, self.dilation, self.ceil_mode)
         if self.return_indices:
             (y, indices), cache = self.ops.maxpool2d_forward(*arguments, return_indices=True)
             self.save_for_backward(cache)
@@ -102,7 +108,7 @@ class AvgPool2d(Module):
 
     def forward(self, x):
         self.check_input(x, ndim=4)
-        y, cache = self.ops.avgpool2d_forward(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+        y, cache = self.ops.avgpool2d_forward(x, self.kernel_size, _stride(self), self.padding, self.ceil_mode,
                                               self.count_include_pad, self.divisor_override)
         self.save_for_backward(cache)
         return y
