@@ -165,14 +165,38 @@ def test_activation_kernels_match_generic_on_gpu(rng, dtype):
     np.testing.assert_array_equal(host(activation.add(a, b)), host(F.add(a, b)))
 
 
-def test_kernel_wrappers_fall_back_on_gpu(rng):
-    """Calls a kernel does not support go to the generic op; a frozen weight skips its GEMM."""
+def test_kernel_wrappers_fall_back_on_gpu(rng, monkeypatch):
+    """Calls a kernel does not support go to the generic op; a frozen weight skips its GEMM: the
+    backward then runs one matmul (dx) where the trainable one runs two, rebuilds no patches, and its
+    dx equals the generic op's."""
     empty = on_gpu(np.zeros((0, 4, 5, 5)))
-    y, cache = conv.conv2d_forward(on_gpu(rng.standard_normal((2, 4, 5, 5))), on_gpu(rng.standard_normal(
-        (3, 4, 3, 3))), None, 1, 1)
+    x, w = on_gpu(rng.standard_normal((2, 4, 5, 5))), on_gpu(rng.standard_normal((3, 4, 3, 3)))
+    y, cache = conv.conv2d_forward(x, w, None, 1, 1)
     dy = on_gpu(rng.standard_normal(y.shape))
-    dx, dweight, _ = conv.conv2d_backward(dy, cache, need_weight_grad=False)
-    assert dweight is None and dx.shape == (2, 4, 5, 5)
+    calls = []
+    real_matmul, real_im2col = cupy.matmul, conv.im2col
+
+    def counted_matmul(*args, **kwargs):
+        calls.append("matmul")
+        return real_matmul(*args, **kwargs)
+
+    def counted_im2col(*args, **kwargs):
+        calls.append("im2col")
+        return real_im2col(*args, **kwargs)
+
+    monkeypatch.setattr(cupy, "matmul", counted_matmul)
+    monkeypatch.setattr(conv, "im2col", counted_im2col)
+    conv.conv2d_backward(dy, cache)
+    trainable_calls = list(calls)
+    del calls[:]
+    dx, dweight, dbias = conv.conv2d_backward(dy, cache, need_weight_grad=False)
+    frozen_calls = list(calls)
+    monkeypatch.undo()
+    assert dweight is None and dbias is None and dx.shape == (2, 4, 5, 5)
+    assert trainable_calls.count("matmul") == 2, trainable_calls
+    assert frozen_calls == ["matmul"], frozen_calls               # dx's GEMM only: no dW GEMM, no im2col
+    _, generic_cache = F.conv2d_forward(x, w, None, 1, 1)
+    assert_close(dx, F.conv2d_backward(dy, generic_cache)[0], KERNEL_TOL["float64"], "frozen-weight dx")
     try:
         expected = F.relu_forward(empty)[0]
     except Exception as error:      # noqa: BLE001 - whatever the generic op does, the wrapper does
