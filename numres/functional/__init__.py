@@ -7,7 +7,8 @@ modules in :mod:`numres.nn` wrap them.
 """
 from .activation import add, add_relu_forward, relu_backward, relu_forward
 from .batchnorm import batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward
-from .conv import col2im, conv2d_backward, conv2d_forward, im2col, pad2d_backward, pad2d_forward
+from .conv import col2im, conv2d_backward, conv2d_forward, im2col
+from .padding import pad2d_backward, pad2d_forward
 from .conv_algorithms import choose_conv_algorithm, conv_algorithm, get_conv_algorithm, set_conv_algorithm
 from .winograd import winograd_conv2d_backward, winograd_conv2d_forward
 from .linear import linear_backward, linear_forward

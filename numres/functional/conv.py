@@ -23,58 +23,23 @@ per group ``g``::
 
 Padding.  im2col pads with zeros on the fly.  What it cannot do - the odd extra row/column of
 ``padding="same"`` (PyTorch puts it at the bottom/right) and the ``reflect``, ``replicate`` and
-``circular`` modes - :func:`pad2d_forward` does first, as a copy ``padded = x[s_h(i), s_w(j)]``
-through per-axis source maps; its backward folds the padded gradient back onto ``x``.
+``circular`` modes - :mod:`numres.functional.padding` does first, as a copy.
 """
 from __future__ import annotations
 
 import math
-import operator
 from typing import NamedTuple
 
 from ..backend import xp_of
 from ..parallel import map_tiles
-
-
-def pair(value, name="value", minimum=0):
-    """``3 -> (3, 3)``; ``(3,) -> (3, 3)``; a 2-sequence passes through.
-
-    Each entry must be an integer of at least ``minimum`` (1 for kernel sizes, strides and
-    dilations, 0 for padding); anything else is a clear ValueError/TypeError naming ``name``.
-    """
-    entries = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    if len(entries) not in (1, 2):
-        raise ValueError(f"{name} must be an int or a sequence of 1 or 2 ints, got {value!r}")
-    try:
-        entries = tuple(operator.index(entry) for entry in entries)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a sequence of 1 or 2 ints, got {value!r}") from None
-    if any(entry < minimum for entry in entries):
-        rule = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f"at least {minimum}"
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
-    return entries * 2 if len(entries) == 1 else entries
+from .geometry import output_size, pair
+from .padding import (PADDING_MODES, PadCache, conv_padding, pad2d_backward, pad2d_forward,  # noqa: F401
+                      padding_sources, split_padding)
 
 
 def images_elements(array):
     """Elements per image (per entry of the first axis) of ``array``; 0 images are fine."""
     return math.prod(array.shape[1:])
-
-
-def output_size(size, kernel, stride, padding, dilation, ceil_mode=False):
-    """Length of a sliding-window output along one axis, as PyTorch computes it."""
-    span = dilation * (kernel - 1) + 1
-    room = size + 2 * padding - span
-    if room < 0:
-        raise ValueError(
-            f"input size {size} (padded by {padding} each side) is smaller than the "
-            f"kernel's extent {span}")
-    if ceil_mode:
-        out = -(-room // stride) + 1
-        # The last window must start inside the input or the left padding.
-        if (out - 1) * stride >= size + padding:
-            out -= 1
-        return out
-    return room // stride + 1
 
 
 def pad_nhwc(x_nhwc, pad_h, pad_w, value=0.0, extra_h=0, extra_w=0, threads=True):
@@ -212,30 +177,7 @@ def group_matmul(a, b, out=None):
     return out
 
 
-# --- padding: "same", asymmetric and non-zero modes -----------------------------------------------
-
-PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def conv_padding(padding, kernel, stride, dilation):
-    """conv2d's ``padding`` argument as amounts per side, ``((top, bottom), (left, right))``.
-
-    An int or a 1-/2-sequence pads both sides of an axis alike; ``"valid"`` pads nothing;
-    ``"same"`` (stride 1 only) pads ``d*(k-1)`` in all per axis, as PyTorch does: half on each
-    side, and the odd cell, if any, at the bottom/right.
-    """
-    if isinstance(padding, str):
-        if padding == "valid":
-            return (0, 0), (0, 0)
-        if padding == "same":
-            if tuple(stride) != (1, 1):
-                raise ValueError("padding='same' is not supported for strided convolutions")
-            totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
-            return tuple((total // 2, total - total // 2) for total in totals)
-        raise ValueError(f"padding must be an int, a sequence of 1 or 2 ints, 'same' or 'valid', got {padding!r}")
-    pad_h, pad_w = pair(padding, "padding")
-    return (pad_h, pad_h), (pad_w, pad_w)
-
+# --- convolution ----------------------------------------------------------------------------------
 
 def conv_output_hw(in_hw, kernel, stride, padding, dilation):
     """``(OH, OW)`` of a convolution with any ``padding`` that :func:`conv_padding` accepts."""
@@ -244,108 +186,6 @@ def conv_output_hw(in_hw, kernel, stride, padding, dilation):
     return tuple(output_size(in_hw[a] + pads[a][1] - pads[a][0], kernel[a], stride[a], pads[a][0], dilation[a])
                  for a in range(2))
 
-
-def padding_sources(size, before, after, mode):
-    """For each position of a padded axis (``before + size + after`` of them): the input index it copies.
-
-    With ``i`` running from ``-before`` to ``size + after - 1``::
-
-        reflect    s(i) = -i for i < 0, 2 * (size - 1) - i for i >= size (the edge is not repeated)
-        replicate  s(i) = clip(i, 0, size - 1)
-        circular   s(i) = i mod size
-    """
-    if mode == "reflect" and max(before, after) >= size:
-        raise ValueError(f"padding_mode='reflect' needs padding smaller than the input size, got padding "
-                         f"({before}, {after}) for size {size}")
-    if mode == "circular" and max(before, after) > size:
-        raise ValueError(f"padding_mode='circular' needs padding no larger than the input size, got padding "
-                         f"({before}, {after}) for size {size}")
-    if mode == "replicate" and size == 0:
-        raise ValueError("padding_mode='replicate' needs a non-empty input")
-    sources = []
-    for i in range(-before, size + after):
-        if mode == "reflect":
-            i = -i if i < 0 else 2 * (size - 1) - i if i >= size else i
-        elif mode == "replicate":
-            i = min(max(i, 0), size - 1)
-        else:                                   # circular
-            i %= size
-        sources.append(i)
-    return sources
-
-
-class PadCache(NamedTuple):
-    pads: tuple          # ((top, bottom), (left, right))
-    mode: str
-    in_hw: tuple
-
-
-def pad2d_forward(x, pads, mode="zeros"):
-    """``(padded, cache)``: ``x`` (N, C, H, W) framed by ``pads = ((top, bottom), (left, right))``.
-
-    ``zeros`` frames with 0; the other modes copy input values: ``padded[..., i, j] =
-    x[..., s_h(i), s_w(j)]`` with the source maps of :func:`padding_sources`.  ``padded`` is
-    stored channels-last, like every numres activation.
-    """
-    if mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {mode!r}")
-    xp = xp_of(x)
-    n, c, h, w = x.shape
-    (top, bottom), (left, right) = pads
-    x_nhwc = x.transpose(0, 2, 3, 1)
-    if mode == "zeros":
-        padded = xp.zeros((n, top + h + bottom, left + w + right, c), dtype=x.dtype)
-        padded[:, top:top + h, left:left + w] = x_nhwc
-    else:
-        rows = xp.asarray(padding_sources(h, top, bottom, mode))
-        cols = xp.asarray(padding_sources(w, left, right, mode))
-        padded = x_nhwc[:, rows[:, None], cols[None, :]]            # one gather, contiguous (N, H', W', C)
-    return padded.transpose(0, 3, 1, 2), PadCache(tuple(pads), mode, (h, w))
-
-
-def pad2d_backward(dpadded, cache: PadCache):
-    """dL/dx from dL/dpadded: the adjoint of the copy in :func:`pad2d_forward`.
-
-    Each input element receives the gradient of every padded position that copied it,
-    ``dx[k] = sum over i with s(i) = k of dpadded[i]`` along each axis; for ``zeros`` that is
-    just the interior (the frame copied nothing).
-    """
-    (top, bottom), (left, right) = cache.pads
-    h, w = cache.in_hw
-    grad = dpadded.transpose(0, 2, 3, 1)
-    if cache.mode == "zeros":
-        dx = grad[:, top:top + h, left:left + w].copy()
-    else:
-        dx = _fold_axis(grad, 1, padding_sources(h, top, bottom, cache.mode), top, h)
-        dx = _fold_axis(dx, 2, padding_sources(w, left, right, cache.mode), left, w)
-    return dx.transpose(0, 3, 1, 2)
-
-
-def _fold_axis(grad, axis, sources, before, size):
-    """Sum the gradient of each padded position along ``axis`` into the input position it copied."""
-    def at(index):
-        return (slice(None),) * axis + (index,)
-
-    folded = grad[at(slice(before, before + size))].copy()         # the interior copies each input once
-    for position, source in enumerate(sources):
-        if not before <= position < before + size:                  # a border position (few of them)
-            folded[at(source)] += grad[at(position)]
-    return folded
-
-
-def split_padding(pads, mode):
-    """``(symmetric, explicit)``: what im2col pads with zeros on the fly, and what is padded beforehand.
-
-    Zero padding stays in im2col, except the odd extra cell of ``padding="same"`` (bottom/right),
-    which is padded explicitly; the other modes pad everything explicitly.
-    """
-    (top, bottom), (left, right) = pads
-    if mode == "zeros":
-        return (top, left), ((0, bottom - top), (0, right - left))
-    return (0, 0), pads
-
-
-# --- convolution ----------------------------------------------------------------------------------
 
 class ConvCache(NamedTuple):
     x: object             # the input (explicitly padded, if it was); backward rebuilds the patch matrix from it

@@ -53,7 +53,7 @@ import numpy as np
 
 from ..backend import xp_of
 from ..parallel import get_num_threads, map_tiles
-from .conv import output_size, pair
+from .geometry import output_size, pair
 
 
 class WinogradTransforms(NamedTuple):

@@ -6,7 +6,8 @@ import functools
 
 from .. import backend as B
 from .. import init
-from ..functional import conv as F
+from ..functional.geometry import pair
+from ..functional.padding import PADDING_MODES, conv_padding
 from ..functional.fused import FoldedConvCache, folded_conv_bn_backward
 from ..config import is_reference_mode
 from ..functional import conv_algorithms
@@ -35,15 +36,15 @@ class Conv2d(Module):
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must both be "
                              f"divisible by groups ({groups})")
-        if padding_mode not in F.PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {F.PADDING_MODES}, got {padding_mode!r}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = F.pair(kernel_size, "kernel_size", minimum=1)
-        self.stride = F.pair(stride, "stride", minimum=1)
-        self.dilation = F.pair(dilation, "dilation", minimum=1)
+        self.kernel_size = pair(kernel_size, "kernel_size", minimum=1)
+        self.stride = pair(stride, "stride", minimum=1)
+        self.dilation = pair(dilation, "dilation", minimum=1)
         self.padding_mode = padding_mode
         # PyTorch keeps "same" / "valid" as given, and numbers as a pair.
-        self.padding = padding if isinstance(padding, str) else F.pair(padding, "padding")
+        self.padding = padding if isinstance(padding, str) else pair(padding, "padding")
         self._plain_padding()                  # checks the padding now ("same" needs stride 1)
 
         shape = (out_channels, in_channels // groups, *self.kernel_size)
@@ -63,7 +64,7 @@ class Conv2d(Module):
 
     def _plain_padding(self):
         """The padding as a plain (ph, pw) pair when it is symmetric zero padding (the common case), else None."""
-        (top, bottom), (left, right) = F.conv_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        (top, bottom), (left, right) = conv_padding(self.padding, self.kernel_size, self.stride, self.dilation)
         plain = self.padding_mode == "zeros" and top == bottom and left == right
         return (top, left) if plain else None
 
@@ -73,7 +74,7 @@ class Conv2d(Module):
         plain_padding = self._plain_padding()
         if is_reference_mode():         # the textbook convolution, whatever the algorithm setting
             padding = plain_padding if plain_padding is not None else \
-                F.conv_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+                conv_padding(self.padding, self.kernel_size, self.stride, self.dilation)
             y, cache = self.ops.conv2d_forward(x, weight, bias, self.stride, padding, self.dilation, self.groups,
                                                padding_mode=self.padding_mode)
         elif plain_padding is not None:
