@@ -43,6 +43,13 @@ CASES = {
                                                    S.CosineAnnealingLR(o, 4)], milestones=[2, 6]),
                       lambda o: T.SequentialLR(o, [T.LinearLR(o, 0.5, 1.0, 2), T.MultiStepLR(o, [1]),
                                                    T.CosineAnnealingLR(o, 4)], milestones=[2, 6])),
+    "step": (lambda o: S.StepLR(o, step_size=3, gamma=0.5), lambda o: T.StepLR(o, step_size=3, gamma=0.5)),
+    "exponential": (lambda o: S.ExponentialLR(o, gamma=0.8), lambda o: T.ExponentialLR(o, gamma=0.8)),
+    "onecycle": (lambda o: S.OneCycleLR(o, max_lr=[0.5, 0.2], total_steps=EPOCHS),
+                 lambda o: T.OneCycleLR(o, max_lr=[0.5, 0.2], total_steps=EPOCHS)),
+    "onecycle linear three-phase": (
+        lambda o: S.OneCycleLR(o, 0.3, epochs=2, steps_per_epoch=7, anneal_strategy="linear", three_phase=True),
+        lambda o: T.OneCycleLR(o, 0.3, epochs=2, steps_per_epoch=7, anneal_strategy="linear", three_phase=True)),
 }
 
 
@@ -134,7 +141,157 @@ def test_training_config_schedules():
     optimizer = numres_optimizer()
     trace = lr_trace(optimizer, build_schedule(optimizer, config), epochs=10)[:, 0]
     assert np.allclose(trace, [0.01, 0.055, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001])
-    with pytest.raises(ValueError, match="unknown schedule 'step'"):
-        TrainConfig(schedule="step")
+    with pytest.raises(ValueError, match="schedule.*'nonsense'"):
+        TrainConfig(schedule="nonsense")
     with pytest.raises(ValueError, match="warmup_epochs must be in 0..epochs-1"):
         TrainConfig(epochs=3, warmup_epochs=3)
+
+
+# --- StepLR / ExponentialLR over many steps, OneCycleLR's momentum, ReduceLROnPlateau --------------------
+
+@pytest.mark.parametrize("name, kwargs", [("StepLR", dict(step_size=7, gamma=0.9)),
+                                          ("ExponentialLR", dict(gamma=0.97)),
+                                          ("StepLR", dict(step_size=1, gamma=0.5))])
+def test_chainable_schedules_match_torch_over_many_steps(name, kwargs):
+    """PyTorch multiplies the previous lr; numres uses the closed form: equal to rounding over 400 steps."""
+    optimizer, reference = numres_optimizer(), torch_optimizer()
+    scheduler, torch_scheduler = getattr(S, name)(optimizer, **kwargs), getattr(T, name)(reference, **kwargs)
+    got, expected = lr_trace(optimizer, scheduler, 400), lr_trace(reference, torch_scheduler, 400, torch_side=True)
+    assert np.max(np.abs(got - expected) / expected) < 1e-12
+
+
+def adam_pair(lr=0.1):
+    params = [Parameter(np.zeros(2)), Parameter(np.zeros(3))]
+    tensors = [torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)]
+    return (nr.optim.Adam([{"params": params[:1]}, {"params": params[1:], "lr": lr / 4}], lr=lr, betas=(0.8, 0.99)),
+            torch.optim.Adam([{"params": tensors[:1]}, {"params": tensors[1:], "lr": lr / 4}], lr=lr,
+                             betas=(0.8, 0.99)))
+
+
+def momentum_of(group):
+    return group["betas"][0] if "betas" in group else group["momentum"]
+
+
+@pytest.mark.parametrize("optimizer_kind", ["sgd", "adam"])
+@pytest.mark.parametrize("options", [dict(), dict(anneal_strategy="linear"), dict(three_phase=True),
+                                     dict(three_phase=True, anneal_strategy="linear", pct_start=0.4),
+                                     dict(cycle_momentum=False), dict(pct_start=0.0), dict(pct_start=1.0),
+                                     dict(base_momentum=[0.7, 0.8], max_momentum=(0.9, 0.99), div_factor=10.0,
+                                          final_div_factor=100.0)])
+def test_one_cycle_lr_and_momentum_match_torch(optimizer_kind, options):
+    total = 103
+    optimizer, reference = adam_pair() if optimizer_kind == "adam" else (numres_optimizer(), torch_optimizer())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = T.OneCycleLR(reference, max_lr=[1.0, 0.25], total_steps=total, **options)
+    ours = S.OneCycleLR(optimizer, max_lr=[1.0, 0.25], total_steps=total, **options)
+    got, expected = [], []
+    for step in range(total):
+        got.append([[g["lr"], momentum_of(g)] for g in optimizer.param_groups])
+        expected.append([[g["lr"], momentum_of(g)] for g in reference.param_groups])
+        if step < total - 1:
+            reference.step()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                theirs.step()
+            ours.step()
+    got, expected = np.array(got), np.array(expected)
+    assert np.max(np.abs(got - expected)) < 1e-14 * np.max(np.abs(expected)), np.abs(got - expected).max()
+    keys = ("initial_lr", "max_lr", "min_lr")
+    if options.get("cycle_momentum", True):
+        keys += ("max_momentum", "base_momentum")
+    for key in keys:
+        assert [g[key] for g in optimizer.param_groups] == pytest.approx([g[key] for g in reference.param_groups],
+                                                                         rel=1e-15)
+    ours.step()                                          # step total_steps is allowed; one more is not
+    with pytest.raises(ValueError, match="Tried to step 104 times"):
+        ours.step()
+
+
+def test_one_cycle_arguments_are_checked_as_torch_does():
+    optimizer = numres_optimizer()
+    for kwargs, message in ((dict(), "either total_steps OR"), (dict(total_steps=0), "total_steps"),
+                            (dict(epochs=2, steps_per_epoch=0), "steps_per_epoch"),
+                            (dict(total_steps=5, pct_start=1.5), "pct_start"),
+                            (dict(total_steps=5, anneal_strategy="cosine"), "anneal_strategy"),
+                            (dict(total_steps=5, max_lr=[1.0]), "max_lr")):
+        kwargs = {"max_lr": 1.0, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            S.OneCycleLR(optimizer, **kwargs)
+        with pytest.raises(ValueError):
+            T.OneCycleLR(torch_optimizer(), **kwargs)
+
+
+def plateau_metrics(count=120, seed=0):
+    """A loss that falls, stalls, wobbles within the threshold and falls again."""
+    rng = np.random.default_rng(seed)
+    steps = np.concatenate([np.linspace(1.0, 0.5, 20), np.full(25, 0.5), 0.5 + 1e-5 * rng.standard_normal(25),
+                            np.linspace(0.5, 0.2, 10), 0.2 + 0.05 * rng.random(40)])
+    return steps[:count]
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(patience=3), dict(patience=2, cooldown=4, factor=0.5),
+                                    dict(mode="max", patience=2), dict(threshold=0.01, threshold_mode="abs"),
+                                    dict(patience=1, min_lr=[0.01, 0.004]), dict(patience=0, factor=0.3, min_lr=1e-3),
+                                    dict(patience=0, factor=0.99, eps=1e-2),
+                                    dict(mode="max", threshold_mode="abs", threshold=1e-3, patience=4, cooldown=1)])
+def test_reduce_lr_on_plateau_matches_torch(kwargs):
+    optimizer, reference = numres_optimizer(), torch_optimizer()
+    ours, theirs = S.ReduceLROnPlateau(optimizer, **kwargs), T.ReduceLROnPlateau(reference, **kwargs)
+    got, expected = [], []
+    for metric in plateau_metrics():
+        ours.step(metric)
+        theirs.step(metric)
+        got.append([g["lr"] for g in optimizer.param_groups] + [ours.num_bad_epochs, ours.cooldown_counter])
+        expected.append([g["lr"] for g in reference.param_groups] + [theirs.num_bad_epochs, theirs.cooldown_counter])
+    got, expected = np.array(got), np.array(expected)
+    assert np.array_equal(got, expected), np.argwhere(got != expected)[:3]
+    assert ours.best == theirs.best and ours.last_epoch == theirs.last_epoch
+    assert ours.get_last_lr() == theirs.get_last_lr()
+
+
+def test_reduce_lr_on_plateau_state_dict_and_errors(tmp_path):
+    metrics = plateau_metrics()
+    optimizer = numres_optimizer()
+    straight = S.ReduceLROnPlateau(optimizer, patience=2, cooldown=1)
+    trace = []
+    for metric in metrics:
+        straight.step(np.asarray(metric))                 # a 0-d array works as the metric
+        trace.append(optimizer.param_groups[0]["lr"])
+    assert len(set(trace)) > 2
+    first_optimizer = numres_optimizer()
+    first = S.ReduceLROnPlateau(first_optimizer, patience=2, cooldown=1)
+    for metric in metrics[:30]:
+        first.step(metric)
+    nr.save({"optimizer": first_optimizer.state_dict(), "scheduler": first.state_dict()}, tmp_path / "p.npz")
+    saved = nr.load(tmp_path / "p.npz")
+    second_optimizer = numres_optimizer()
+    second = S.ReduceLROnPlateau(second_optimizer, patience=2, cooldown=1)
+    second_optimizer.load_state_dict(saved["optimizer"])
+    second.load_state_dict(saved["scheduler"])
+    rest = []
+    for metric in metrics[30:]:
+        second.step(metric)
+        rest.append(second_optimizer.param_groups[0]["lr"])
+    assert trace[30:] == rest
+    for kwargs, message in ((dict(factor=1.0), "Factor should be < 1.0"), (dict(mode="up"), "mode up is unknown"),
+                            (dict(threshold_mode="pct"), "threshold mode pct is unknown"),
+                            (dict(min_lr=[0.1]), "expected 2 min_lrs")):
+        with pytest.raises(ValueError, match=message):
+            S.ReduceLROnPlateau(numres_optimizer(), **kwargs)
+        with pytest.raises(ValueError):
+            T.ReduceLROnPlateau(torch_optimizer(), **kwargs)
+    with pytest.raises(TypeError, match="needs the metric"):
+        S.ReduceLROnPlateau(numres_optimizer()).step()
+
+
+def test_new_schedules_bad_arguments():
+    with pytest.raises(ValueError, match="step_size"):
+        S.StepLR(numres_optimizer(), step_size=0)
+
+    class NoMomentum(nr.optim.Optimizer):
+        def step(self):
+            pass
+
+    with pytest.raises(ValueError, match="momentum or beta1"):
+        S.OneCycleLR(NoMomentum([Parameter(np.zeros(1))], dict(lr=0.1)), 1.0, total_steps=10)
