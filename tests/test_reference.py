@@ -25,6 +25,8 @@ import numres.functional as engine
 import numres.reference as R
 from conftest import TOL, rel_err
 
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+
 FD_TOL = 1e-6          # central differences with h = 1e-6 in float64 are good to about 1e-9
 WORST: dict[str, float] = {}
 
@@ -403,6 +405,20 @@ def test_batchnorm_empty_batch_and_single_value():
         R.batchnorm_train_forward(np.zeros((1, 3, 1, 1)), None, None, None, None)
 
 
+@pytest.mark.parametrize("op", ["conv2d", "maxpool2d", "avgpool2d", "adaptive_avgpool2d", "relu", "linear"])
+def test_empty_batch_gives_what_the_engine_gives(op):
+    x = np.zeros((0, 4, 6, 5))
+    arguments = {"conv2d": (np.ones((2, 4, 3, 3)), np.ones(2), 2, 1), "maxpool2d": (3, 2, 1), "avgpool2d": (3, 2, 1),
+                 "adaptive_avgpool2d": (1,), "relu": (), "linear": (np.ones((3, 5)),)}[op]
+    results = []
+    for ops in (R, engine):
+        y, cache = getattr(ops, f"{op}_forward")(x, *arguments)
+        grads = getattr(ops, f"{op}_backward")(np.zeros_like(y), cache)
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        results.append([y.shape] + [None if g is None else (g.shape, float(np.abs(g).sum())) for g in grads])
+    assert results[0] == results[1]
+
+
 def test_conv_refuses_other_padding_modes_by_name():
     x, w = np.zeros((1, 2, 4, 4)), np.zeros((2, 2, 3, 3))
     for mode in ("reflect", "replicate", "circular"):
@@ -422,6 +438,38 @@ def test_conv_skipped_gradients_are_none():
     dx, dweight, dbias = R.conv2d_backward(dy, cache, need_weight_grad=False)
     assert dx is not None and dweight is None and dbias is None              # the bias follows the weight
     assert R.conv2d_backward(dy, cache, need_weight_grad=False, need_bias_grad=True)[2] is not None
+
+
+def test_reference_runs_on_cupy_like_on_numpy(cupy_backend):
+    """The same code on CuPy arrays (through ``xp_of``) gives NumPy's results in float64."""
+    xp = nr.backend.get_xp(cupy_backend)
+    rng = _rng("cupy")
+    x, w, b = rng.standard_normal((2, 4, 7, 6)), rng.standard_normal((6, 2, 3, 3)), rng.standard_normal(6)
+    logits, target = rng.standard_normal((5, 3)), rng.integers(0, 3, 5)
+    calls = [
+        lambda a, x: a.conv2d_forward(x, a.asarray(w), a.asarray(b), 2, 1, 1, 2),
+        lambda a, x: a.batchnorm_train_forward(x, a.asarray(b[:4]), a.asarray(b[2:]), a.zeros(4), a.ones(4), relu=True),
+        lambda a, x: a.maxpool2d_forward(x, 3, 2, 1, 1, True),
+        lambda a, x: a.avgpool2d_forward(x, 3, 2, 1, True, False),
+        lambda a, x: a.adaptive_avgpool2d_forward(x, (3, 2)),
+        lambda a, x: a.relu_forward(x),
+        lambda a, x: a.linear_forward(x, a.asarray(w.reshape(6, -1)[:, :6])),
+    ]
+    names = ["conv2d", "batchnorm", "maxpool2d", "avgpool2d", "adaptive_avgpool2d", "relu", "linear"]
+    for name, call in zip(names, calls):
+        outputs = []
+        for a in (np, xp):
+            ops = type("Ops", (), {k: staticmethod(getattr(R, k)) for k in R.__all__})()
+            ops.asarray, ops.zeros, ops.ones = a.asarray, a.zeros, a.ones
+            y, cache = call(ops, a.asarray(x))
+            grads = getattr(R, f"{name}_backward")(a.asarray(np.cos(nr.backend.to_numpy(y))), cache)
+            outputs.append([y] + [g for g in (grads if isinstance(grads, tuple) else (grads,)) if g is not None])
+        for host, device in zip(*outputs):
+            assert rel_err(device, host) < 1e-12, name
+    loss, cache = R.cross_entropy_forward(xp.asarray(logits), xp.asarray(target), "mean", 0.1)
+    loss_np, cache_np = R.cross_entropy_forward(logits, target, "mean", 0.1)
+    assert rel_err(loss, loss_np) < 1e-12
+    assert rel_err(R.cross_entropy_backward(0.5, cache), R.cross_entropy_backward(0.5, cache_np)) < 1e-12
 
 
 # --- against central finite differences --------------------------------------------------------------

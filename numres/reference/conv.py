@@ -77,11 +77,13 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
         raise ValueError(f"input of {tuple(x.shape[2:])} pixels, padded by {((top, bottom), (left, right))}, "
                          f"is smaller than the kernel's extent")
     w_groups = weight.reshape(groups, out_channels // groups, cg, kh, kw)        # W[g]: (Og, Cg, KH, KW)
-    y = xp.zeros((n, groups, out_channels // groups, out_hw[0] * out_hw[1]), dtype=x.dtype)
+    pixels = out_hw[0] * out_hw[1]
+    y = xp.zeros((n, groups, out_channels // groups, pixels), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
-            x_ij = _shifted(x_pad, i, j, out_hw, stride, dilation).reshape(n, groups, cg, -1)   # (N, G, Cg, P)
-            y += w_groups[:, :, :, i, j] @ x_ij                                   # (G, Og, Cg) @ (N, G, Cg, P)
+            w_ij = w_groups[:, :, :, i, j]                                        # (G, Og, Cg)
+            x_ij = _shifted(x_pad, i, j, out_hw, stride, dilation).reshape(n, groups, cg, pixels)  # (N, G, Cg, P)
+            y += w_ij @ x_ij                                                      # (N, G, Og, P)
     y = y.reshape(n, out_channels, *out_hw)
     if bias is not None:
         y += bias[:, None, None]
@@ -92,43 +94,45 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
 def conv2d_backward(dy, cache, need_input_grad=True, *, need_weight_grad=True, need_bias_grad=None):
     """``(dx, dweight, dbias)`` from ``dy = dL/dy`` (N, O, OH, OW); a gradient not wanted is None.
 
-    Derivation.  Forward is a sum over offsets of one matrix product each, per image n and
-    group g (P = OH*OW pixels)::
+    ``need_bias_grad`` follows ``need_weight_grad`` unless given; ``dbias`` is None without a bias.
 
-        y[n, g] = sum_(i,j) W_ij[g] @ X_ij[n, g] + b     W_ij = W[:, :, i, j] (G, Og, Cg),
-                                                         X_ij = x_shifted(i, j) (N, G, Cg, P)
+    Derivation.  Forward is, per image n and group g (P = OH*OW output pixels), a sum over the
+    kernel offsets (i, j) of one matrix product each::
 
-    For a product ``Y = A @ B`` with upstream gradient ``dY`` the chain rule gives
-    ``dA = dY @ B^T`` and ``dB = A^T @ dY`` (``dY[o, p] = dL/dY[o, p]``; ``Y[o, p] =
-    sum_c A[o, c] B[c, p]``, so ``dL/dA[o, c] = sum_p dY[o, p] B[c, p]``, and likewise for B).
-    Applied to each term of the sum, with ``dY = dy[n, g]`` (Og, P):
+        y_g[n, g] = sum_(i,j) w_ij[g] @ x_ij[n, g]  + b      w_ij = W[g][:, :, i, j]     (G, Og, Cg)
+                                                             x_ij = x_shifted(i, j)      (N, G, Cg, P)
 
-        dW_ij[g]  = sum_n dy[n, g] @ X_ij[n, g]^T           (every image used the same W)
-        dX_ij[n, g] = W_ij[g]^T @ dy[n, g]
-        db[o]     = sum over n, oh, ow of dy[n, o, oh, ow]   (b is added to every output pixel)
+    For a product ``Y = A @ B`` with upstream gradient ``dY``: ``Y[o, p] = sum_c A[o, c] B[c, p]``,
+    so ``dL/dA[o, c] = sum_p dY[o, p] B[c, p]`` and ``dL/dB[c, p] = sum_o A[o, c] dY[o, p]``, that
+    is ``dA = dY @ B^T`` and ``dB = A^T @ dY``.  Each term of the sum receives the whole
+    ``dy_g[n, g]`` (Og, P), since ``dy/dterm = 1``; so, per offset::
 
-    ``X_ij`` is a strided window of ``x_pad``, a copy of those input elements, so its gradient
-    is added back onto the same positions: ``dx_pad[shifted(i, j)] += dX_ij``.  Pixels read by
-    several offsets collect every contribution.  Finally ``dx`` is ``dx_pad`` without the zero
-    frame (the padding is a constant; its gradient goes nowhere).
+        dw_ij[g]     = sum_n dy_g[n, g] @ x_ij[n, g]^T      (every image used the same weights)
+        dx_ij[n, g]  = w_ij[g]^T @ dy_g[n, g]
+        db[o]        = sum over n, oh, ow of dy[n, o, oh, ow]   (b is added at every output pixel)
+
+    ``x_ij`` is a strided view of ``x_pad``, so its gradient goes back to the same positions:
+    ``dx_pad[shifted(i, j)] += dx_ij``.  An input pixel read by several offsets (or windows)
+    collects every contribution.  Last, ``dx`` is ``dx_pad`` without its frame: the padding is
+    a constant, and its gradient goes nowhere.
     """
     xp = xp_of(dy)
     x_pad, weight, stride, dilation, groups, ((top, bottom), (left, right)), has_bias = cache
     out_channels, cg, kh, kw = weight.shape
     n, _, hp, wp = x_pad.shape
-    out_hw = dy.shape[2:]
-    dy_g = dy.reshape(n, groups, out_channels // groups, -1)                   # dy[n, g]: (Og, P)
+    out_hw, pixels = dy.shape[2:], dy.shape[2] * dy.shape[3]
+    dy_g = dy.reshape(n, groups, out_channels // groups, pixels)               # (N, G, Og, P)
     w_groups = weight.reshape(groups, out_channels // groups, cg, kh, kw)
     dweight = xp.zeros_like(w_groups) if need_weight_grad else None
     dx_pad = xp.zeros_like(x_pad) if need_input_grad else None
     for i in range(kh):
         for j in range(kw):
             if need_weight_grad:
-                x_ij = _shifted(x_pad, i, j, out_hw, stride, dilation).reshape(n, groups, cg, -1)
-                dweight[:, :, :, i, j] = (dy_g @ x_ij.swapaxes(-1, -2)).sum(axis=0)
+                x_ij = _shifted(x_pad, i, j, out_hw, stride, dilation).reshape(n, groups, cg, pixels)
+                dweight[:, :, :, i, j] = (dy_g @ x_ij.swapaxes(-1, -2)).sum(axis=0)     # dw_ij: (G, Og, Cg)
             if need_input_grad:
-                dx_ij = w_groups[:, :, :, i, j].swapaxes(-1, -2) @ dy_g          # (N, G, Cg, P)
-                _shifted(dx_pad, i, j, out_hw, stride, dilation)[...] += dx_ij.reshape(n, -1, *out_hw)
+                dx_ij = w_groups[:, :, :, i, j].swapaxes(-1, -2) @ dy_g                 # (N, G, Cg, P)
+                _shifted(dx_pad, i, j, out_hw, stride, dilation)[...] += dx_ij.reshape(n, groups * cg, *out_hw)
     dx = dx_pad[:, :, top:hp - bottom, left:wp - right] if need_input_grad else None
     need_bias_grad = need_weight_grad if need_bias_grad is None else need_bias_grad
     dbias = dy.sum(axis=(0, 2, 3)) if has_bias and need_bias_grad else None
