@@ -188,14 +188,18 @@ def build_model(name, num_classes, in_channels, backend="numpy", dtype="float32"
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
 
 
-def load_backbone(model, path, model_name=None):
+def load_backbone(model, path, model_name=None, classes=None):
     """Load weights (a torchvision .pth, numres weights or a training checkpoint) into ``model``, except a
-    classifier ``fc`` of another size, which keeps its fresh initialisation (fine-tuning to new classes).
+    classifier ``fc`` for other classes, which keeps its fresh initialisation (fine-tuning to new classes):
+    an ``fc`` of another size, or that of a training checkpoint whose class names differ from ``classes``.
 
     Weights of another architecture, or of the same one with another input (a grey run's 1-channel stem
     into a colour model), are refused in one line that names both."""
     path = checkpoint_file(path) if os.path.isdir(path) else path        # a run folder: its checkpoint
     state = dict(load_weights(path))
+    if classes is not None and _trained_classes(path) not in (None, [str(c) for c in classes]):
+        state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+        state.update((key, value.data) for key, value in model.named_parameters() if key.startswith("fc."))
     if model_name is not None:
         check_weights_fit(state, model_name, hint="use --model {name}")
     parameters = dict(model.named_parameters())
@@ -210,7 +214,19 @@ def load_backbone(model, path, model_name=None):
                              f"{tuple(np.shape(value))} in the file and {tuple(np.shape(expected[key]))} in the "
                              f"model" + (" (the weights were trained on images with another number of channels)"
                                          if key == "conv1.weight" else ""))
+    fresh = [key for key, value in parameters.items() if key.startswith("fc.") and state.get(key) is value.data]
     model.load_state_dict(state)
+    return fresh
+
+
+def _trained_classes(path):
+    """The class names of a numres training checkpoint, or None for any other weights file."""
+    if not path.endswith(".npz"):
+        return None
+    state = load(path)
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        return [str(c) for c in state["classes"]]
+    return None
 
 
 def build_optimizer(parameters, config: TrainConfig):
@@ -321,6 +337,7 @@ class Trainer:
         self._stop = False
         self.curves_written = False     # curves.png needs matplotlib
         self.resume_notes = []          # what changed when a run was resumed with other settings
+        self.start_note = ""            # what --weights / --freeze-backbone did, for the user
         self.command = None             # the command line that made the run (set by `numres train`)
         self.cwd = os.getcwd()          # where it was started
         self.previous_checkpoint = None     # an --overwrite run's: the replaced checkpoint.prev.npz, removed at the first save
@@ -371,12 +388,17 @@ class Trainer:
     def _start_from_weights(self, config):
         """``--weights``: load them (all but an fc of another size); ``--freeze-backbone``: train only the fc."""
         if config.weights and not self._resuming:
-            load_backbone(self.model, config.weights, config.model)
+            fresh = load_backbone(self.model, config.weights, config.model, self.classes)
+            self.start_note = (f"starting from {config.weights}: "
+                               + (f"every layer but a new fc for {len(self.classes)} classes" if fresh else
+                                  "every layer, the fc included"))
         if config.freeze_backbone:
             if not hasattr(self.model, "fc"):
                 raise ValueError(f"--freeze-backbone trains only the final fc layer, which {config.model} lacks")
             self.model.requires_grad_(False)
             self.model.fc.requires_grad_(True)
+            trainable = sum(p.size for p in self.model.parameters() if p.requires_grad)
+            self.start_note += f"; backbone frozen, {trainable:,} parameters train"
 
     # --- checkpoints ------------------------------------------------------------------------------
 

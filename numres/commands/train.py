@@ -293,6 +293,8 @@ def _run(args) -> int:
           f"batches of {c.batch_size}, {c.optimizer} lr {c.lr} ({c.schedule}"
           f"{f', warm-up {c.warmup_epochs}' if c.warmup_epochs else ''}), backend {c.backend}, {c.dtype}",
           flush=True)
+    if trainer.start_note:
+        print(trainer.start_note, flush=True)
     unreached = c.unreached_milestones()
     if unreached:
         why = ("they only apply to --schedule multistep" if c.schedule != "multistep" else
