@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as TF
 from conftest import TOL, copy_torch_params, from_torch, rel_err
+from error_measure import worst
+from torch_reference import randomize_batchnorms
 
 import numres as nr
 from numres.models.cifar import CIFAR_MODELS, CifarResNet, ZeroPadShortcut
@@ -168,37 +170,82 @@ def _depth(name):
 PLAIN110_TOL = 1e-5
 
 
+def _randomize_torch_batchnorms(reference, seed):
+    """Random BN affine parameters and running statistics on the PyTorch side (weight 1 / bias 0 and
+    mean 0 / var 1 would hide BatchNorm bugs), copied into numres afterwards."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                c = module.num_features
+                module.weight.copy_(0.5 + torch.rand(c, generator=generator, dtype=torch.float64))
+                module.bias.copy_(0.2 * torch.randn(c, generator=generator, dtype=torch.float64))
+                module.running_mean.copy_(0.1 * torch.randn(c, generator=generator, dtype=torch.float64))
+                module.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=generator, dtype=torch.float64))
+                module.num_batches_tracked.fill_(3)
+
+
+def _cifar_parity(model, reference, x, upstream):
+    """``{tensor: rel_err}`` of one forward/backward in the current mode: logits, dx, every parameter
+    gradient and every buffer afterwards (num_batches_tracked exactly)."""
+    reference.zero_grad()
+    model.zero_grad()
+    x_t = torch.from_numpy(x).requires_grad_()
+    logits = reference(x_t)
+    logits.backward(torch.from_numpy(upstream))
+    errors = {"logits": rel_err(model(x.copy()), logits),
+              "input gradient": rel_err(model.backward(upstream.copy()), x_t.grad)}
+    grads = dict(reference.named_parameters())
+    params = dict(model.named_parameters())
+    assert list(params) == list(grads)
+    errors.update({f"grad {k}": rel_err(p.grad, grads[k].grad) for k, p in params.items()})
+    state = model.state_dict()
+    buffers = dict(reference.named_buffers())
+    assert len(buffers) == 3 * sum(isinstance(m, torch.nn.BatchNorm2d) for m in reference.modules())
+    for name, buffer in buffers.items():
+        if name.endswith("num_batches_tracked"):
+            errors[f"buffer {name}"] = 0.0 if int(state[name]) == int(buffer) else float("inf")
+        else:
+            errors[f"buffer {name}"] = rel_err(state[name], buffer)
+    return errors
+
+
 @pytest.mark.parametrize("name", sorted(CIFAR_MODELS, key=lambda n: (_depth(n), n)))
 def test_named_net_backward_matches_torch(name):
+    """Each named net against PyTorch autograd in float64, with random BatchNorm state: train mode
+    (batch statistics; the running statistics after the step compared too), then evaluation mode
+    (running statistics; buffers left alone), each with a fresh random upstream gradient."""
     tol = PLAIN110_TOL if name == "plain110" else TOL["float64"]
     n, shortcuts = (_depth(name) - 2) // 6, name.startswith("resnet")
     rng = np.random.default_rng(_depth(name))
     torch.manual_seed(1)
-    reference = TorchCifarNet(n, 4, 3, shortcuts).double().train()
+    reference = TorchCifarNet(n, 4, 3, shortcuts).double()
+    _randomize_torch_batchnorms(reference, seed=_depth(name))
     model = CIFAR_MODELS[name](num_classes=4, in_channels=3, dtype="float64")
     copy_torch_params(reference, model)
-    x = torch.from_numpy(rng.standard_normal((2, 3, 8, 8))).requires_grad_()
-    logits = reference(x)
-    upstream = torch.from_numpy(rng.standard_normal(logits.shape))
-    logits.backward(upstream)
-    assert rel_err(model(x.detach().numpy()), logits) < tol
-    assert rel_err(model.backward(upstream.numpy()), x.grad) < tol
-    grads = dict(reference.named_parameters())
-    worst = max(rel_err(p.grad, grads[key].grad) for key, p in model.named_parameters())
-    assert worst < tol
+    for training in (True, False):
+        reference.train(training)
+        model.train(training)
+        x = rng.standard_normal((2, 3, 8, 8))
+        upstream = rng.standard_normal((2, 4))
+        errors = _cifar_parity(model, reference, x, upstream)
+        assert len(errors) == 2 + len(list(model.parameters())) + len(list(reference.buffers()))
+        what, error = worst(errors)
+        assert error < tol, f"{name} ({'train' if training else 'eval'}): {what} off by {error:.2e}"
 
 
 # Central differences need a function that is smooth on the scale of eps.  The deep plain
 # nets are not: their gradients are "shattered" (Balduzzi et al. 2017), so perturbations
 # of 1e-6 cross ReLU kinks and the estimate is off by up to O(1) for plain110 (measured).
 # They are checked against PyTorch above; finite differences cover the residual nets
-# (every parameter of the two shallow ones, the input gradient through every block of
-# the deeper ones) and plain20.
+# (6 entries of every parameter of the two shallow ones, 24 entries of the input gradient through
+# every block of the deeper ones) and plain20, all with random BatchNorm weights and biases.
 @pytest.mark.parametrize("name", ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "plain20"])
 def test_backward_agrees_with_finite_differences(name):
     nr.manual_seed(1)
     model = CIFAR_MODELS[name](num_classes=3, in_channels=2, dtype="float64")
+    randomize_batchnorms(model, seed=2)               # BN weight 1 / bias 0 would hide BatchNorm bugs
     x = np.random.default_rng(1).standard_normal((2, 2, 8, 8))
     deep = _depth(name) > 32
-    result = nr.gradcheck(model, x, max_entries=6 if deep else 2, params=not deep, seed=1)
+    result = nr.gradcheck(model, x, max_entries=24 if deep else 6, params=not deep, seed=1)
     assert result.worst < 1e-5, str(result)
