@@ -33,14 +33,15 @@ from .conv import conv2d_backward, conv2d_forward
 from .linear import linear_backward, linear_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .pooling import (adaptive_avgpool2d_backward, adaptive_avgpool2d_forward, avgpool2d_backward,
-                      avgpool2d_forward, maxpool2d_backward, maxpool2d_forward)
+                      avgpool2d_forward, maxpool2d_backward, maxpool2d_forward, maxunpool2d_backward,
+                      maxunpool2d_forward)
 
 __all__ = ["add", "add_relu_forward", "relu_backward", "relu_forward",
            "batchnorm_backward", "batchnorm_eval_forward", "batchnorm_train_forward",
            "conv2d_backward", "conv2d_forward", "linear_backward", "linear_forward",
            "cross_entropy_backward", "cross_entropy_forward",
            "adaptive_avgpool2d_backward", "adaptive_avgpool2d_forward", "avgpool2d_backward", "avgpool2d_forward",
-           "maxpool2d_backward", "maxpool2d_forward"]
+           "maxpool2d_backward", "maxpool2d_forward", "maxunpool2d_backward", "maxunpool2d_forward"]
 
 BACKWARDS = ("relu_backward", "batchnorm_backward", "conv2d_backward", "linear_backward", "cross_entropy_backward",
-             "maxpool2d_backward", "avgpool2d_backward", "adaptive_avgpool2d_backward")
+             "maxpool2d_backward", "maxunpool2d_backward", "avgpool2d_backward", "adaptive_avgpool2d_backward")

@@ -12,6 +12,7 @@ so the pools loop over the taps of one window, never over pixels or images.
 Max::       y = max over the taps (padding is -inf; it never wins)
 Average::   y = sum over the taps / divisor
 Adaptive::  y = A_h @ x @ A_w^T, with averaging matrices A (PyTorch's bins)
+Unpooling:: y[n, c].flat[indices] = x (zeros elsewhere), the partial inverse of max pooling
 
 ``ceil_mode`` lets the last window hang over the bottom/right edge; the extra cells
 are padding too.  Why the engine (:mod:`numres.functional.pooling`) looks different:
@@ -19,6 +20,8 @@ it works on a channels-last copy, a tile of images at a time on all cores, and k
 a running maximum instead of the positions when no indices are asked for.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from ..backend import xp_of
 
@@ -39,9 +42,14 @@ def _out_len(size, kernel, stride, padding, dilation, ceil_mode):
     return out
 
 
+def _stride(stride, kernel_size):
+    """PyTorch's default stride (None, or an empty sequence) is the kernel size."""
+    return _pair(kernel_size if stride is None or (isinstance(stride, (tuple, list)) and not stride) else stride)
+
+
 def _geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode):
     """``(kernel, stride, padding, dilation, out_hw, extra)``; ``extra`` is ceil_mode's bottom/right padding."""
-    kernel, stride = _pair(kernel_size), _pair(kernel_size if stride is None else stride)
+    kernel, stride = _pair(kernel_size), _stride(stride, kernel_size)
     padding, dilation = _pair(padding), _pair(dilation)
     if any(p > k // 2 for k, p in zip(kernel, padding)):
         raise ValueError(f"pad should be at most half of effective kernel size, got padding={padding} "
@@ -122,6 +130,56 @@ def maxpool2d_backward(dy, cache):
     for i, j, window in _taps(geometry):
         dx_pad[window] += xp.where(indices == _position(i, j, x_shape[2:], geometry, xp), dy, 0)
     return dx_pad[:, :, ph:ph + x_shape[2], pw:pw + x_shape[3]]
+
+
+# --- max unpooling ----------------------------------------------------------------------------
+
+def _planes(n, c, xp):
+    """Index arrays that pick image n and channel c of an (N, C, positions) array."""
+    return xp.arange(n)[:, None, None], xp.arange(c)[None, :, None]
+
+
+def maxunpool2d_forward(x, indices, kernel_size, stride=None, padding=0, output_size=None):
+    """``(y, cache)``: a partial inverse of max pooling.  ``y`` (N, C, OH, OW) is zero except
+    ``y[n, c].flat[indices[n, c, h, w]] = x[n, c, h, w]`` (a repeated index keeps the last value,
+    as PyTorch's CPU kernel does).  ``output_size`` ((OH, OW) or (N, C, OH, OW)) picks among the
+    sizes a pooling could have come from: within ``stride`` of ``(H - 1) * stride + kernel - 2 * padding``."""
+    xp = xp_of(x)
+    kernel, stride, padding = _pair(kernel_size), _stride(stride, kernel_size), _pair(padding)
+    n, c, h, w = x.shape
+    default = [(x.shape[2 + a] - 1) * stride[a] + kernel[a] - 2 * padding[a] for a in range(2)]
+    size = default if output_size is None else [int(v) for v in tuple(output_size)[-2:]]
+    if any(not d - s < o < d + s for d, s, o in zip(default, stride, size)) or min(size) < 0:
+        raise ValueError(f"invalid output_size {tuple(size)} for max unpooling to about {tuple(default)}")
+    if tuple(indices.shape) != tuple(x.shape) or indices.dtype.kind not in "iu":
+        raise ValueError(f"max unpooling expects integer indices of the input's shape {tuple(x.shape)}, got "
+                         f"{indices.dtype} {tuple(indices.shape)}")
+    plane = size[0] * size[1]
+    flat = indices.reshape(n, c, h * w)
+    if xp is np and flat.size and (flat.min() < 0 or flat.max() >= plane):
+        raise ValueError(f"max unpooling found an index outside the output plane of {size[0]}x{size[1]}")
+    y = xp.zeros((n, c, plane), dtype=x.dtype)
+    y[(*_planes(n, c, xp), flat)] = x.reshape(n, c, h * w)
+    return y.reshape(n, c, *size), (flat, tuple(x.shape))
+
+
+def maxunpool2d_backward(dy, cache):
+    """dL/dx from ``dy = dL/dy`` (N, C, OH, OW).
+
+    Derivation.  Forward copies each input to one place: ``y[n, c].flat[flat[n, c, k]] = x[n, c].flat[k]``
+    (all other outputs are the constant 0).  So ``dy[n, c].flat[p]/dx[n, c].flat[k] = [p = flat[n, c, k]]``
+    and the chain rule leaves one term::
+
+        dx[n, c].flat[k] = dy[n, c].flat[flat[n, c, k]]          (a gather)
+
+    Where two inputs share an index, both read its gradient (as in PyTorch), though only the last
+    one's value is in ``y``.
+    """
+    xp = xp_of(dy)
+    flat, x_shape = cache
+    n, c = x_shape[:2]
+    planes = dy.reshape(n, c, dy.shape[2] * dy.shape[3])
+    return planes[(*_planes(n, c, xp), flat)].reshape(x_shape)
 
 
 # --- average pooling --------------------------------------------------------------------------
