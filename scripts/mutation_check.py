@@ -1,0 +1,958 @@
+#!/usr/bin/env python
+"""Mutation check of numres's backward functions: how many small, realistic mistakes do the tests catch?
+
+Each *mutant* is one small change to one backward function (of ``numres/functional/`` by default, or of
+any ``--package-dir`` such as ``numres/reference``).  For each mutant the relevant fast tests run; the
+mutant is *killed* when a test fails, and *survives* when they all pass.  The kill rate is
+``killed / (killed + survived)``; every survivor is listed with its file, function, line and change.
+
+Mutation list (the AST rules; each applies at every matching place inside the function, nested
+functions and lambdas included, docstrings, ``raise`` and ``assert`` statements and f-strings excluded):
+
+=============  ======================================================================================
+kind           change
+=============  ======================================================================================
+scale          a returned or yielded gradient times 1.001 (each entry of a returned tuple; each argument
+               when the function returns through a helper defined inside it); ``None`` stays ``None``
+arith          ``+`` <-> ``-``, ``*`` <-> ``/`` (also in ``+=``, ``-=``, ``*=``, ``/=``)
+drop-term      ``a + b`` -> ``a`` or ``b``; ``a - b`` -> ``a`` (a dropped term, e.g. BatchNorm's mean term);
+               ``a * b`` -> ``a`` or ``b`` (a dropped factor); ``a / b`` -> ``a`` (a dropped normalisation)
+delete         a statement removed: an augmented assignment (``out += c``), an assignment into an array
+               (``frame[...] = 0``) or a bare call (``xp.multiply(..., out=out)``)
+unary          ``-a`` -> ``a``; ``~a`` -> ``a``
+compare        ``>`` <-> ``>=``, ``<`` <-> ``<=``, ``==`` <-> ``!=``
+mask           a comparison (not an ``if`` test) -> ``True``: a missing mask, e.g. ReLU's ``y > 0``
+bool           ``a & b`` -> ``a`` or ``b``; ``&`` <-> ``|`` (e.g. max pooling's first-maximum tie-break)
+axis           ``axis=k`` -> ``k + 1`` and ``k - 1``; in ``axis=(i, j, ...)`` one entry -> an axis not in it
+transpose      ``a.T`` -> ``a``; ``a @ b`` -> ``a @ b.T`` and ``a.T @ b``; ``.transpose(...)`` with two
+               neighbouring axes swapped (a transposed weight)
+slice          ``a[lo:hi]`` -> ``a[lo + 1:hi]``, ``a[lo:hi + 1]``, ``a[lo:hi - 1]`` (an off-by-one, e.g. in a
+               padding crop)
+index          ``a[0]`` <-> ``a[1]`` (height and width swapped, e.g. ``padding[0]``)
+constant       a number in arithmetic or a comparison: an int ``k`` -> ``k + 1`` and ``k - 1``, a float
+               ``c`` -> ``c * 1.001``
+=============  ======================================================================================
+
+A mutant whose source equals the original, or equals an earlier mutant, is not generated (a no-op
+cannot be killed and is not counted).  A mutant listed in ``EQUIVALENT`` below (with the reason it
+changes nothing observable) is reported as equivalent and left out of the kill rate.
+
+How it runs.  The repository's files (``git ls-files`` plus untracked, not-ignored files) are copied
+into a temporary folder, and a worker Python runs there with ``PYTHONPATH`` set to the copy (it checks
+that ``numres.__file__`` lies in the copy).  No file is changed, not even in the copy: the worker
+imports numres, torch and pytest once, then for each mutant forks a child that compiles the mutated
+function and swaps it into the live function object (``function.__code__``, which every caller and
+alias shares) and runs ``pytest -x -q -p no:cacheprovider`` on that function's test selection
+(``SELECTIONS``), under a per-mutant timeout (a timeout counts as killed).  The test that kills a
+mutant is re-run on the original code; a test that fails there too is deselected for the rest of
+the run and the mutant is run again, so a test broken for other reasons kills nothing.
+``--isolation process`` instead writes the mutated file into the copy and starts a fresh pytest.
+
+Usage::
+
+    python scripts/mutation_check.py                          # numres/functional, every mutant
+    python scripts/mutation_check.py --package-dir numres/reference
+    python scripts/mutation_check.py --list                   # the mutants, not run
+    python scripts/mutation_check.py --max-mutants 100 --seed 0 --jobs 2
+    python scripts/mutation_check.py --match relu_backward:mask --match linear_backward:transpose
+    python scripts/mutation_check.py --report benchmarks/results/mutation --before before.json
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCALE = 1.001
+PYTEST_FLAGS = ["-x", "-q", "-p", "no:cacheprovider", "--no-header"]
+MUTANTS_TEST = "tests/test_backward_mutants.py"
+
+# --- which tests guard which function ---------------------------------------------------------------------
+# A selection is (test files, -k expression or None).  Files that do not exist are left out, so the
+# mutants' own test file joins once it is written.  Each -k is the narrowest that still holds every test
+# of that op in those files (checked by the baseline: a selection that collects nothing is an error).
+
+_CONV_FILES = ["tests/test_layers.py", "tests/test_finite_differences.py", "tests/test_conv_pool_samples.py"]
+_POOL_FILES = _CONV_FILES
+_WINOGRAD = (["tests/test_winograd.py"],
+             "torch or finite or chunks or straddle or skipped or empty or channels_last or gradcheck or winograd")
+# function name -> selection; the function is looked up in every module of numres/functional.
+SELECTIONS = {
+    "relu_backward": (["tests/test_layers.py", "tests/test_finite_differences.py", "tests/test_bn_loss_samples.py"],
+                      "relu"),
+    "batchnorm_backward": (["tests/test_layers.py", "tests/test_finite_differences.py",
+                            "tests/test_bn_loss_samples.py"], "batchnorm"),
+    "conv2d_backward": (_CONV_FILES, "conv or frozen or functional or empty"),
+    "col2im": (_CONV_FILES, "conv or frozen or functional or empty or col2im"),
+    "pad2d_backward": (["tests/test_conv_pool_samples.py"], "pad or padding or conv"),
+    "_fold_axis": (["tests/test_conv_pool_samples.py"], "pad or padding or conv"),
+    "maxpool2d_backward": (_POOL_FILES, "maxpool"),
+    "_maxpool2d_backward_by_indices": (_POOL_FILES, "maxpool or indices or unbatched"),
+    "_scatter_taps": (_POOL_FILES, "maxpool or avgpool or indices"),
+    "avgpool2d_backward": (_POOL_FILES, "avgpool and not adaptive"),
+    "adaptive_avgpool2d_backward": (_POOL_FILES, "adaptive"),
+    "maxunpool2d_backward": (["tests/test_conv_pool_samples.py"], "unpool"),
+    "linear_backward": (["tests/test_layers.py", "tests/test_finite_differences.py", "tests/test_bn_loss_samples.py"],
+                        "linear"),
+    "_cross_entropy_backward": (["tests/test_layers.py", "tests/test_finite_differences.py",
+                                 "tests/test_bn_loss_samples.py"], "cross_entropy"),
+    "winograd_conv2d_backward": _WINOGRAD,
+    "weight_gradient_from": _WINOGRAD,
+    "output_tile_gradients": _WINOGRAD,
+    "folded_conv_bn_backward": (["tests/test_fusion.py"], "backward or frozen or folded_conv_bn"),
+}
+# Any other package dir (numres/reference): every top-level ``*_backward`` function, and col2im, against
+# the whole of this file (plus the mutants' own tests that name the function).
+PACKAGE_TESTS = {"numres/reference": "tests/test_reference.py"}
+
+# --- mutants that change nothing observable ----------------------------------------------------------------
+# (file, function, kind, original, mutated) -> why.  ``original``/``mutated`` are the changed node's source.
+EQUIVALENT: dict[tuple, str] = {}
+
+
+# =============================================================================================================
+# The mutator
+# =============================================================================================================
+
+@dataclass
+class Mutant:
+    file: str
+    function: str
+    line: int
+    kind: str
+    original: str
+    mutated: str
+    id: str = ""
+    source: str = ""            # the whole mutated function, as source
+    equivalent: str = ""        # the documented reason, when in EQUIVALENT
+
+    @property
+    def description(self):
+        return f"{self.original}  ->  {self.mutated}"
+
+
+def _parents(tree):
+    parents = {}
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            parents[child] = node
+    return parents
+
+
+def _excluded(node, parents):
+    """Inside a docstring, raise/assert, an f-string or a string constant: not mutated."""
+    while node in parents:
+        parent = parents[node]
+        if isinstance(parent, (ast.Raise, ast.Assert, ast.JoinedStr)):
+            return True
+        node = parent
+    return False
+
+
+def _const(value):
+    return ast.Constant(value=value)
+
+
+def _is_number(node):
+    return isinstance(node, ast.Constant) and type(node.value) in (int, float)
+
+
+def _plus(node, k):
+    if _is_number(node):
+        return _const(node.value + k)
+    return ast.BinOp(left=node, op=ast.Add() if k > 0 else ast.Sub(), right=_const(abs(k)))
+
+
+def _scaled(node):
+    """``node * SCALE``, leaving None alone: ``(_m if (_m := node) is None else _m * SCALE)``."""
+    name = ast.Name(id="_mutant_value", ctx=ast.Load())
+    walrus = ast.NamedExpr(target=ast.Name(id="_mutant_value", ctx=ast.Store()), value=node)
+    return ast.IfExp(test=ast.Compare(left=walrus, ops=[ast.Is()], comparators=[_const(None)]), body=name,
+                     orelse=ast.BinOp(left=ast.Name(id="_mutant_value", ctx=ast.Load()), op=ast.Mult(),
+                                      right=_const(SCALE)))
+
+
+_ARITH = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult}
+_COMPARE = {ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq}
+
+
+def _edits(node, parents, local_functions):
+    """``(kind, replacement)`` for one node; a replacement is the new node (ast.Pass() deletes a statement)."""
+    parent = parents.get(node)
+    # scale: returned / yielded gradients
+    if isinstance(node, (ast.Return, ast.Yield)) and node.value is not None:
+        value = node.value
+        if isinstance(value, ast.Tuple):
+            for i, element in enumerate(value.elts):
+                if not (isinstance(element, ast.Constant) and element.value is None):
+                    new = copy.deepcopy(node)
+                    new.value.elts[i] = _scaled(element)
+                    yield "scale", new
+        elif isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in local_functions:
+            for i, arg in enumerate(value.args):
+                new = copy.deepcopy(node)
+                new.value.args[i] = _scaled(arg)
+                yield "scale", new
+        elif not (isinstance(value, ast.Constant) and value.value is None):
+            new = copy.deepcopy(node)
+            new.value = _scaled(value)
+            yield "scale", new
+    if isinstance(node, ast.BinOp):
+        op = type(node.op)
+        if op in _ARITH:
+            yield "arith", ast.BinOp(left=node.left, op=_ARITH[op](), right=node.right)
+        if op in (ast.Add, ast.Sub, ast.Mult, ast.Div):
+            yield "drop-term", node.left
+        if op in (ast.Add, ast.Mult):
+            yield "drop-term", node.right
+        if op is ast.BitAnd:
+            yield "bool", node.left
+            yield "bool", node.right
+            yield "bool", ast.BinOp(left=node.left, op=ast.BitOr(), right=node.right)
+        if op is ast.BitOr:
+            yield "bool", ast.BinOp(left=node.left, op=ast.BitAnd(), right=node.right)
+        if op is ast.MatMult:
+            for side in ("right", "left"):
+                operand = getattr(node, side)
+                if not (isinstance(operand, ast.Attribute) and operand.attr == "T"):
+                    new = copy.deepcopy(node)
+                    setattr(new, side, ast.Attribute(value=operand, attr="T", ctx=ast.Load()))
+                    yield "transpose", new
+    if isinstance(node, ast.AugAssign):
+        op = type(node.op)
+        if op in _ARITH:
+            yield "arith", ast.AugAssign(target=node.target, op=_ARITH[op](), value=node.value)
+        if op is ast.BitAnd:
+            yield "bool", ast.AugAssign(target=node.target, op=ast.BitOr(), value=node.value)
+    # delete: statements that write into arrays
+    if isinstance(node, ast.AugAssign) or (
+            isinstance(node, ast.Assign) and any(isinstance(t, ast.Subscript) for t in node.targets)) or (
+            isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)):
+        yield "delete", ast.Pass()
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Invert)) and not _is_number(node.operand):
+        yield "unary", node.operand
+    if isinstance(node, ast.Compare) and len(node.ops) == 1:
+        op = type(node.ops[0])
+        if op in _COMPARE:
+            yield "compare", ast.Compare(left=node.left, ops=[_COMPARE[op]()], comparators=node.comparators)
+        if not (isinstance(parent, (ast.If, ast.IfExp, ast.While)) and parent.test is node) and \
+                op not in (ast.Is, ast.IsNot, ast.In, ast.NotIn):
+            yield "mask", _const(True)
+    if isinstance(node, ast.keyword) and node.arg in ("axis", "axes"):
+        value = node.value
+        if _is_number(value) and isinstance(value.value, int):
+            for k in (1, -1):
+                yield "axis", ast.keyword(arg=node.arg, value=_const(value.value + k))
+        elif isinstance(value, ast.Tuple) and all(_is_number(e) for e in value.elts):
+            axes = [e.value for e in value.elts]
+            spare = next(a for a in range(len(axes) + 1) if a not in axes)
+            for i in range(len(axes)):
+                new_axes = list(axes)
+                new_axes[i] = spare
+                yield "axis", ast.keyword(arg=node.arg, value=ast.Tuple(elts=[_const(a) for a in new_axes],
+                                                                         ctx=ast.Load()))
+    if isinstance(node, ast.Attribute) and node.attr == "T" and isinstance(node.ctx, ast.Load):
+        yield "transpose", node.value
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "transpose" \
+            and len(node.args) >= 2 and all(_is_number(a) for a in node.args):
+        for i in range(len(node.args) - 1):
+            new = copy.deepcopy(node)
+            new.args[i], new.args[i + 1] = new.args[i + 1], new.args[i]
+            yield "transpose", new
+    if isinstance(node, ast.Slice):
+        if node.lower is not None:
+            yield "slice", ast.Slice(lower=_plus(node.lower, 1), upper=node.upper, step=node.step)
+        if node.upper is not None:
+            yield "slice", ast.Slice(lower=node.lower, upper=_plus(node.upper, 1), step=node.step)
+            yield "slice", ast.Slice(lower=node.lower, upper=_plus(node.upper, -1), step=node.step)
+    if isinstance(node, ast.Subscript) and _is_number(node.slice) and node.slice.value in (0, 1) \
+            and type(node.slice.value) is int:
+        yield "index", ast.Subscript(value=node.value, slice=_const(1 - node.slice.value), ctx=node.ctx)
+    if _is_number(node) and isinstance(parent, (ast.BinOp, ast.Compare, ast.AugAssign)) \
+            and not (isinstance(parent, ast.AugAssign) and parent.target is node):
+        if isinstance(node.value, int):
+            yield "constant", _const(node.value + 1)
+            yield "constant", _const(node.value - 1)
+        else:
+            yield "constant", _const(node.value * SCALE)
+
+
+def _replace(parent, old, new):
+    for name, value in ast.iter_fields(parent):
+        if value is old:
+            setattr(parent, name, new)
+            return
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if item is old:
+                    value[i] = new
+                    return
+    raise ValueError("node not found in its parent")
+
+
+def _snippet(node):
+    if isinstance(node, ast.Pass):
+        return "(statement removed)"
+    if isinstance(node, ast.keyword):
+        return f"{node.arg}={ast.unparse(node.value)}"
+    if isinstance(node, ast.Slice):
+        return ":".join(ast.unparse(p) if p is not None else "" for p in (node.lower, node.upper))
+    text = ast.unparse(node)
+    return " ".join(text.split())
+
+
+def _function_node(tree, name):
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return node
+    return None
+
+
+def _body_nodes(function):
+    """Every node of the function's body but its docstring, in a fixed order."""
+    body = function.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    nodes = []
+    for statement in body:
+        nodes.extend(ast.walk(statement))
+    return nodes
+
+
+def generate_mutants(source: str, function: str, file: str = "<string>") -> list[Mutant]:
+    """Every mutant of ``function`` in the module ``source``, no-ops and duplicates left out."""
+    tree = ast.parse(source)
+    original = _function_node(tree, function)
+    if original is None:
+        raise ValueError(f"{file} has no top-level function {function!r}")
+    original_text = ast.unparse(original)
+    local_functions = {n.name for n in ast.walk(original) if isinstance(n, ast.FunctionDef)} - {function}
+    parents = _parents(original)
+    nodes = _body_nodes(original)
+    seen = {original_text}
+    mutants = []
+    for index, node in enumerate(nodes):
+        if _excluded(node, parents) or (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+            continue
+        for kind, replacement in _edits(node, parents, local_functions):
+            work = copy.deepcopy(original)
+            work_nodes = _body_nodes(work)
+            target = work_nodes[index]
+            work_parents = _parents(work)
+            replacement = copy.deepcopy(replacement)
+            _replace(work_parents[target], target, replacement)
+            ast.fix_missing_locations(work)
+            text = ast.unparse(work)
+            if text in seen:
+                continue
+            try:
+                compile(ast.Module(body=[work], type_ignores=[]), file, "exec")
+            except SyntaxError:
+                continue
+            seen.add(text)
+            mutants.append(Mutant(file=file, function=function, line=getattr(node, "lineno", 0) or
+                                  getattr(parents.get(node), "lineno", 0), kind=kind,
+                                  original=_snippet(node), mutated=_snippet(replacement), source=text))
+    for number, mutant in enumerate(mutants):
+        mutant.id = f"{file}::{function}#{number}"
+        mutant.equivalent = EQUIVALENT.get((file, function, mutant.kind, mutant.original, mutant.mutated), "")
+    return mutants
+
+
+def targets(package_dir: str, root: str = REPO):
+    """``{file: {function: (test files, -k)}}`` for a package dir, relative to ``root``.
+
+    numres/functional: the functions of ``SELECTIONS``, wherever they live.  Any other dir: every
+    top-level ``*_backward`` function and col2im, against ``PACKAGE_TESTS`` (tests/test_reference.py).
+    """
+    package_dir = package_dir.rstrip("/")
+    functional = package_dir == "numres/functional"
+    test_file = PACKAGE_TESTS.get(package_dir, "tests/test_reference.py")
+    found = {}
+    for name in sorted(os.listdir(os.path.join(root, package_dir))):
+        if not name.endswith(".py"):
+            continue
+        path = f"{package_dir}/{name}"
+        with open(os.path.join(root, path)) as handle:
+            tree = ast.parse(handle.read())
+        names = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
+        if functional:
+            chosen = {f: SELECTIONS[f] for f in names if f in SELECTIONS}
+        else:
+            chosen = {f: ([test_file], None) for f in names if f.endswith("_backward") or f == "col2im"}
+        if chosen:
+            found[path] = chosen
+    return found
+
+
+def all_mutants(package_dir, root=REPO):
+    mutants = []
+    for path, functions in targets(package_dir, root).items():
+        source = open(os.path.join(root, path)).read()
+        for function in functions:
+            mutants.extend(generate_mutants(source, function, path))
+    return mutants
+
+
+# =============================================================================================================
+# The worker: runs inside the copy
+# =============================================================================================================
+
+class _Recorder:
+    """A pytest plugin noting the first failed test and how it failed."""
+
+    def __init__(self):
+        self.failed = None
+        self.how = None
+        self.collected = 0
+
+    def pytest_plugin_registered(self, plugin):
+        """Once the suite's conftest has loaded its Hypothesis profile: :func:`_mutation_profile`."""
+        if str(getattr(plugin, "__file__", "")).endswith("conftest.py"):
+            _mutation_profile()
+
+    def pytest_collection_modifyitems(self, items):
+        self.collected = len(items)
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed and self.failed is None:
+            self.failed = report.nodeid
+            crash = getattr(report.longrepr, "reprcrash", None)
+            message = crash.message if crash is not None else str(report.longrepr)[-300:]
+            self.how = "assertion" if message.startswith("AssertionError") or message.startswith("assert ") \
+                else "exception: " + message.split("\n")[0][:160]
+
+    def pytest_collectreport(self, report):
+        if report.failed and self.failed is None:
+            self.failed = report.nodeid or "<collection>"
+            self.how = "exception: collection error"
+
+
+def _patch(mutant, root):
+    """Swap the mutated function's code into the live function object."""
+    import importlib
+    module_name = mutant.file[:-3].replace("/", ".")
+    module = importlib.import_module(module_name)
+    function = getattr(module, mutant.function)
+    tree = ast.parse(mutant.source)
+    code = compile(tree, os.path.join(root, mutant.file), "exec")
+    new = next(c for c in code.co_consts if hasattr(c, "co_name") and c.co_name == mutant.function)
+    if new.co_freevars != function.__code__.co_freevars:
+        raise RuntimeError(f"{mutant.function}: closure changed")
+    function.__code__ = new
+
+
+def _child_run(mutant, pytest_args, root, timeout, result_path):
+    """In a forked child: apply the mutant (if any), run pytest, write the outcome, exit."""
+    try:
+        signal.alarm(max(1, int(timeout)))
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        if mutant is not None:
+            _patch(mutant, root)
+        import pytest
+        recorder = _Recorder()
+        rc = int(pytest.main(pytest_args, plugins=[recorder]))
+        outcome = {"rc": rc, "failed": recorder.failed, "how": recorder.how, "collected": recorder.collected}
+    except BaseException as error:          # the mutant broke the import or the patch
+        outcome = {"rc": 3, "failed": "<setup>", "how": f"exception: {type(error).__name__}: {error}"[:200],
+                   "collected": 0}
+    with open(result_path, "w") as handle:
+        json.dump(outcome, handle)
+    os._exit(0)
+
+
+class _Runner:
+    """Forks children, at most ``jobs`` at a time."""
+
+    def __init__(self, root, jobs, isolation):
+        self.root, self.jobs, self.isolation = root, jobs, isolation
+        self.scratch = tempfile.mkdtemp(prefix="mutation-results-")
+        self.count = 0
+        self.progress = False
+
+    def run_many(self, tasks):
+        """``tasks``: list of (key, mutant or None, pytest args, timeout) -> {key: outcome}."""
+        if self.isolation == "process":
+            return {key: self._run_process(mutant, args, timeout) for key, mutant, args, timeout in tasks}
+        pending, running, outcomes = list(tasks), {}, {}
+        while pending or running:
+            while pending and len(running) < self.jobs:
+                key, mutant, args, timeout = pending.pop(0)
+                self.count += 1
+                path = os.path.join(self.scratch, f"{self.count}.json")
+                pid = os.fork()
+                if pid == 0:
+                    _child_run(mutant, args, self.root, timeout, path)
+                running[pid] = (key, path, time.perf_counter())
+            pid, status = os.wait()
+            if pid not in running:
+                continue
+            key, path, started = running.pop(pid)
+            seconds = time.perf_counter() - started
+            if os.path.exists(path):
+                with open(path) as handle:
+                    outcome = json.load(handle)
+                os.remove(path)
+            elif os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGALRM:
+                outcome = {"rc": -1, "failed": "<timeout>", "how": "timeout", "collected": 0}
+            else:
+                outcome = {"rc": -2, "failed": "<crash>", "how": f"child died, status {status}", "collected": 0}
+            outcome["seconds"] = round(seconds, 2)
+            outcomes[key] = outcome
+            if self.progress:
+                verdict = "survived" if outcome["rc"] == 0 else f"killed ({outcome['how']})"[:90]
+                print(f"[{len(outcomes)}/{len(tasks)}] {key}: {verdict} in {seconds:.1f} s", file=sys.stderr,
+                      flush=True)
+        return outcomes
+
+    def _run_process(self, mutant, args, timeout):
+        path = os.path.join(self.root, mutant.file) if mutant is not None else None
+        saved = open(path).read() if path else None
+        started = time.perf_counter()
+        try:
+            if mutant is not None:
+                tree = ast.parse(saved)
+                body = [ast.parse(mutant.source).body[0] if isinstance(n, ast.FunctionDef)
+                        and n.name == mutant.function else n for n in tree.body]
+                with open(path, "w") as handle:
+                    handle.write(ast.unparse(ast.Module(body=body, type_ignores=[])) + "\n")
+            code = ("import json, sys, pytest\nsys.path.insert(0, %r)\nfrom mutation_check import _Recorder\n"
+                    "r = _Recorder(); rc = int(pytest.main(sys.argv[1:], plugins=[r]))\n"
+                    "print('@@' + json.dumps({'rc': rc, 'failed': r.failed, 'how': r.how, "
+                    "'collected': r.collected}))\n" % os.path.dirname(os.path.abspath(__file__)))
+            try:
+                done = subprocess.run([sys.executable, "-c", code, *args], cwd=self.root, capture_output=True,
+                                      text=True, timeout=timeout)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("@@")]
+                outcome = json.loads(lines[-1][2:]) if lines else {
+                    "rc": 3, "failed": "<setup>", "how": "exception: " + done.stderr[-200:], "collected": 0}
+            except subprocess.TimeoutExpired:
+                outcome = {"rc": -1, "failed": "<timeout>", "how": "timeout", "collected": 0}
+        finally:
+            if path:
+                with open(path, "w") as handle:
+                    handle.write(saved)
+        outcome["seconds"] = round(time.perf_counter() - started, 2)
+        return outcome
+
+
+def _pytest_args(root, selection, deselected):
+    files, expression = selection
+    args = [f for f in files if os.path.exists(os.path.join(root, f))]
+    args += PYTEST_FLAGS + ["--rootdir", root]
+    if expression:
+        args += ["-k", expression]
+    for nodeid in sorted(deselected):
+        args += ["--deselect", nodeid]
+    return args
+
+
+def _selection_for(mutant, table, root):
+    files, expression = table[mutant.file][mutant.function]
+    files = list(files)
+    if expression and os.path.exists(os.path.join(root, MUTANTS_TEST)) and MUTANTS_TEST not in files:
+        files.append(MUTANTS_TEST)
+        expression = f"({expression}) or {mutant.function.lstrip('_')}"
+    return files, expression
+
+
+def _mutation_profile():
+    """The suite's Hypothesis profile without shrinking: a failing example is enough to kill a mutant,
+    and shrinking it can take half a minute."""
+    from hypothesis import Phase, settings
+    settings.register_profile("mutation", parent=settings.default, report_multiple_bugs=False,
+                              phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    settings.load_profile("mutation")
+
+
+def _preimport(root, test_files):
+    """Import the conftest and the test modules once, as pytest's default (prepend) import mode names
+    them, so that each forked child finds them in ``sys.modules`` instead of importing them again."""
+    import importlib
+    tests_dir = os.path.join(root, "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    try:
+        importlib.import_module("conftest")
+    except Exception:                    # noqa: BLE001  (pytest will report it in each run)
+        return
+    _mutation_profile()
+    for path in test_files:
+        if os.path.exists(os.path.join(root, path)) and os.path.dirname(path) == "tests":
+            try:
+                importlib.import_module(os.path.basename(path)[:-3])
+            except Exception:            # noqa: BLE001
+                sys.modules.pop(os.path.basename(path)[:-3], None)
+
+
+def worker(options):
+    root = os.getcwd()
+    import numres
+    if not os.path.abspath(numres.__file__).startswith(root + os.sep):
+        raise SystemExit(f"numres imports from {numres.__file__}, not from the copy {root}")
+    import numpy  # noqa: F401  (warm the imports the children share)
+    import pytest  # noqa: F401
+    import torch  # noqa: F401
+    for name in ("hypothesis",):
+        __import__(name)
+
+    mutants = select_mutants(options, root)
+    table = {}
+    for package_dir in options.package_dir:
+        table.update(targets(package_dir, root))
+    if options.isolation == "fork":
+        _preimport(root, sorted({f for fns in table.values() for sel in fns.values() for f in sel[0]}
+                                | {MUTANTS_TEST}))
+    runner = _Runner(root, options.jobs, options.isolation)
+    started = time.perf_counter()
+    deselected: set[str] = set()
+    confirmed: dict[str, bool] = {}     # killing test -> passes on the original code
+    results = {}
+    carried = {}
+    if options.rerun_survivors:
+        with open(options.rerun_survivors) as handle:
+            earlier = {_signature(r): r for r in json.load(handle)["mutants"]}
+        for m in mutants:
+            row = earlier.get(_signature(asdict(m)))
+            if row is not None and row["status"] == "killed":
+                carried[m.id] = {key: row[key] for key in ("status", "failed", "how", "rc", "collected", "seconds")
+                                 if key in row}
+                carried[m.id]["carried_over"] = True
+    todo = [m for m in mutants if not m.equivalent and m.id not in carried]
+    results.update(carried)
+    for m in mutants:
+        if m.equivalent:
+            results[m.id] = {"status": "equivalent", "reason": m.equivalent}
+    selection_errors = {}
+    while todo:
+        batch = [(m.id, m, _pytest_args(root, _selection_for(m, table, root), deselected), options.timeout)
+                 for m in todo]
+        runner.progress = options.progress
+        outcomes = runner.run_many(batch)
+        runner.progress = False
+        retry = []
+        for m in todo:
+            outcome = outcomes[m.id]
+            if outcome["rc"] == 0:
+                results[m.id] = {"status": "survived", **outcome}
+            elif outcome["rc"] == 5:
+                selection_errors[m.function] = "the selection collects no test"
+                results[m.id] = {"status": "error", **outcome}
+            else:
+                results[m.id] = {"status": "killed", **outcome}
+        # Confirm each killing test on the original code.
+        killers = {}
+        for m in todo:
+            failed = results[m.id].get("failed")
+            if results[m.id]["status"] == "killed" and failed and "::" in failed and failed not in confirmed:
+                killers.setdefault(failed, m)
+        if killers:
+            checks = runner.run_many([(nodeid, None, [nodeid] + PYTEST_FLAGS + ["--rootdir", root],
+                                       options.timeout) for nodeid in killers])
+            for nodeid, outcome in checks.items():
+                confirmed[nodeid] = outcome["rc"] == 0
+                if not confirmed[nodeid]:
+                    deselected.add(nodeid)
+        for m in todo:
+            failed = results[m.id].get("failed")
+            if results[m.id]["status"] == "killed" and failed in deselected:
+                retry.append(m)
+        todo = retry
+    seconds = time.perf_counter() - started
+    return mutants, results, sorted(deselected), selection_errors, seconds, table
+
+
+def _signature(row):
+    return row["file"], row["function"], row["kind"], row["original"], row["mutated"], row["line"]
+
+
+def select_mutants(options, root):
+    mutants = []
+    for package_dir in options.package_dir:
+        mutants.extend(all_mutants(package_dir, root))
+    if options.function:
+        mutants = [m for m in mutants if m.function in options.function]
+    if options.kind:
+        mutants = [m for m in mutants if m.kind in options.kind]
+    if options.match:
+        picked = []
+        for pattern in options.match:
+            # function:kind[:text in the original or the change]  -> the first such mutant
+            parts = pattern.split(":", 2)
+            for m in mutants:
+                if m.function == parts[0] and (len(parts) < 2 or m.kind == parts[1]) and \
+                        (len(parts) < 3 or parts[2] in m.original or parts[2] in m.mutated) and m not in picked:
+                    picked.append(m)
+                    break
+            else:
+                raise SystemExit(f"no mutant matches {pattern!r}")
+        mutants = picked
+    if options.max_mutants and len(mutants) > options.max_mutants:
+        chosen = sorted(random.Random(options.seed).sample(range(len(mutants)), options.max_mutants))
+        mutants = [mutants[i] for i in chosen]
+    return mutants
+
+
+# =============================================================================================================
+# Reports
+# =============================================================================================================
+
+def machine():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                     platform.processor())
+    except OSError:
+        model = platform.processor()
+    return f"{model}, {os.cpu_count()} CPUs visible"
+
+
+def summarise(mutant_rows):
+    counted = [r for r in mutant_rows if r["status"] in ("killed", "survived")]
+    killed = [r for r in counted if r["status"] == "killed"]
+    by_kind = {}
+    for r in mutant_rows:
+        entry = by_kind.setdefault(r["kind"], {"killed": 0, "survived": 0, "equivalent": 0, "error": 0})
+        entry[r["status"]] += 1
+    return {
+        "mutants": len(mutant_rows),
+        "counted": len(counted),
+        "killed": len(killed),
+        "survived": len(counted) - len(killed),
+        "equivalent": sum(r["status"] == "equivalent" for r in mutant_rows),
+        "errors": sum(r["status"] == "error" for r in mutant_rows),
+        "kill_rate": round(len(killed) / len(counted), 4) if counted else None,
+        "killed_by_assertion": sum(r.get("how") == "assertion" for r in killed),
+        "killed_by_exception": sum(str(r.get("how", "")).startswith("exception") for r in killed),
+        "killed_by_timeout": sum(r.get("how") == "timeout" for r in killed),
+        "by_kind": by_kind,
+    }
+
+
+def _git(*args):
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def build_report(options, mutants, results, deselected, selection_errors, seconds, table):
+    rows = []
+    for m in mutants:
+        row = {k: v for k, v in asdict(m).items() if k != "source"}
+        row.update(results.get(m.id, {"status": "not run"}))
+        rows.append(row)
+    selections = {f"{path}::{fn}": {"tests": sel[0], "k": sel[1]}
+                  for path, fns in table.items() for fn, sel in fns.items()}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "python": platform.python_version(),
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "package_dirs": options.package_dir,
+        "isolation": options.isolation,
+        "jobs": options.jobs,
+        "timeout_s": options.timeout,
+        "sampled": bool(options.max_mutants),
+        "seconds": round(seconds, 1),
+        "pytest_flags": PYTEST_FLAGS,
+        "selections": selections,
+        "deselected_broken_tests": deselected,
+        "selection_errors": selection_errors,
+        "summary": summarise(rows),
+        "mutants": rows,
+    }
+
+
+def _survivor_lines(rows):
+    lines = []
+    for r in rows:
+        if r["status"] == "survived":
+            lines.append(f"| `{r['file']}` | `{r['function']}` | {r['line']} | {r['kind']} | "
+                         f"`{r['original']}` → `{r['mutated']}` |")
+    return lines
+
+
+def markdown(report, before=None):
+    s = report["summary"]
+    out = ["# Mutation check of the backward functions", "",
+           f"- date: {report['date']}", f"- machine: {report['machine']}", f"- commit: {report['commit']}",
+           f"- package dirs: {', '.join(report['package_dirs'])}",
+           f"- run: `python scripts/mutation_check.py` ({report['isolation']} isolation, {report['jobs']} job(s), "
+           f"{report['timeout_s']} s per mutant, {report['seconds']} s in all)", ""]
+    if before is not None:
+        b = before["summary"]
+        out += ["## Kill rate", "", "| | mutants counted | killed | survived | equivalent | kill rate |",
+                "|---|---|---|---|---|---|",
+                f"| before the new tests ({before['date']}) | {b['counted']} | {b['killed']} | {b['survived']} | "
+                f"{b['equivalent']} | {b['kill_rate']:.1%} |",
+                f"| after | {s['counted']} | {s['killed']} | {s['survived']} | {s['equivalent']} | "
+                f"{s['kill_rate']:.1%} |", ""]
+    else:
+        out += ["## Kill rate", "", f"{s['killed']} of {s['counted']} mutants killed: **{s['kill_rate']:.1%}** "
+                f"({s['equivalent']} equivalent mutants left out, {s['errors']} errors).", ""]
+    out += [f"Killed by a failed assertion: {s['killed_by_assertion']}; by an exception (shape, type, ...): "
+            f"{s['killed_by_exception']}; by the timeout: {s['killed_by_timeout']}.", "",
+            "| kind | killed | survived | equivalent |", "|---|---|---|---|"]
+    for kind, e in sorted(s["by_kind"].items()):
+        out.append(f"| {kind} | {e['killed']} | {e['survived']} | {e['equivalent']} |")
+    out += ["", "## Survivors", ""]
+    survivors = _survivor_lines(report["mutants"])
+    if survivors:
+        out += ["| file | function | line | kind | mutation |", "|---|---|---|---|---|", *survivors]
+    else:
+        out.append("None.")
+    equivalents = [r for r in report["mutants"] if r["status"] == "equivalent"]
+    out += ["", "## Equivalent mutants (change nothing observable; not counted)", ""]
+    if equivalents:
+        out += ["| function | line | kind | mutation | why |", "|---|---|---|---|---|"]
+        out += [f"| `{r['function']}` | {r['line']} | {r['kind']} | `{r['original']}` → `{r['mutated']}` | "
+                f"{r['reason']} |" for r in equivalents]
+    else:
+        out.append("None.")
+    if before is not None:
+        out += ["", "## Survivors before the new tests (each now killed by tests/test_backward_mutants.py, "
+                "or listed above as equivalent)", ""]
+        lines = _survivor_lines(before["mutants"])
+        out += ["| file | function | line | kind | mutation |", "|---|---|---|---|---|", *lines] if lines else ["None."]
+    if report["deselected_broken_tests"]:
+        out += ["", "## Tests deselected because they failed on the original code too", ""]
+        out += [f"- `{n}`" for n in report["deselected_broken_tests"]]
+    out += ["", "## Test selection per function", "", "| function | tests | -k |", "|---|---|---|"]
+    for name, sel in report["selections"].items():
+        out.append(f"| `{name}` | {', '.join(sel['tests'])} (+ {MUTANTS_TEST}) | `{sel['k']}` |")
+    return "\n".join(out) + "\n"
+
+
+# =============================================================================================================
+# Entry point
+# =============================================================================================================
+
+def copy_repository(destination):
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    for path in filter(None, listed):
+        source = os.path.join(REPO, path)
+        if not os.path.isfile(source):
+            continue
+        target = os.path.join(destination, path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(source, target)
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--package-dir", action="append", help="package folder(s) to mutate "
+                        "(default numres/functional; repeat for more, e.g. numres/reference)")
+    parser.add_argument("--function", action="append", help="only these functions")
+    parser.add_argument("--kind", action="append", help="only these mutation kinds")
+    parser.add_argument("--match", action="append", help="function:kind[:text] picks the first such mutant")
+    parser.add_argument("--max-mutants", type=int, default=0, help="a seeded random sample of this many")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--timeout", type=int, default=120, help="seconds per mutant (a timeout kills it)")
+    parser.add_argument("--isolation", choices=("fork", "process"), default="fork")
+    parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument("--json", help="write the full result here")
+    parser.add_argument("--report", help="write REPORT.json and REPORT.md")
+    parser.add_argument("--before", help="an earlier result (.json) to quote as 'before'")
+    parser.add_argument("--rerun-survivors", metavar="EARLIER.json",
+                        help="run only the mutants that survived in an earlier result (matched by file, function, "
+                             "kind and change) and carry the earlier verdicts of the others over: added tests can "
+                             "only kill more")
+    parser.add_argument("--progress", action="store_true", help="a line per mutant on stderr")
+    parser.add_argument("--keep", action="store_true", help="keep the copy of the repository")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    options.package_dir = options.package_dir or ["numres/functional"]
+    return options
+
+
+def main(argv=None):
+    options = parse(argv)
+    if options.worker:                               # inside the copy
+        outcome = worker(options)
+        with open(options.worker, "w") as handle:
+            mutants, results, deselected, errors, seconds, table = outcome
+            json.dump({"mutants": [asdict(m) for m in mutants], "results": results, "deselected": deselected,
+                       "errors": errors, "seconds": seconds,
+                       "table": {p: {f: list(s) for f, s in fs.items()} for p, fs in table.items()}}, handle)
+        return 0
+    if options.list:
+        for m in select_mutants(options, REPO):
+            flag = "  [equivalent]" if m.equivalent else ""
+            print(f"{m.id}  line {m.line}  {m.kind:10s} {m.description}{flag}")
+        return 0
+    copy_dir = tempfile.mkdtemp(prefix="numres-mutation-")
+    try:
+        copy_repository(copy_dir)
+        result_path = os.path.join(copy_dir, ".mutation-result.json")
+        env = dict(os.environ, PYTHONPATH=copy_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   NUMRES_NUM_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   PYTHONDONTWRITEBYTECODE="1")
+        args = [sys.executable, os.path.join(copy_dir, "scripts", "mutation_check.py"), "--worker", result_path]
+        args += sum((["--package-dir", p] for p in options.package_dir), [])
+        for flag in ("function", "kind", "match"):
+            args += sum(([f"--{flag}", v] for v in getattr(options, flag) or []), [])
+        if options.progress:
+            args.append("--progress")
+        if options.rerun_survivors:
+            args += ["--rerun-survivors", os.path.abspath(options.rerun_survivors)]
+        args += ["--max-mutants", str(options.max_mutants), "--seed", str(options.seed), "--jobs", str(options.jobs),
+                 "--timeout", str(options.timeout), "--isolation", options.isolation]
+        subprocess.run(args, cwd=copy_dir, env=env, check=True)
+        with open(result_path) as handle:
+            raw = json.load(handle)
+    finally:
+        if options.keep:
+            print(f"copy kept in {copy_dir}")
+        else:
+            shutil.rmtree(copy_dir, ignore_errors=True)
+    mutants = [Mutant(**m) for m in raw["mutants"]]
+    table = {p: {f: tuple(s) for f, s in fs.items()} for p, fs in raw["table"].items()}
+    report = build_report(options, mutants, raw["results"], raw["deselected"], raw["errors"], raw["seconds"], table)
+    s = report["summary"]
+    print(f"{s['killed']}/{s['counted']} mutants killed ({(s['kill_rate'] or 0):.1%}); {s['survived']} survived, "
+          f"{s['equivalent']} equivalent, {s['errors']} errors; {report['seconds']} s")
+    for r in report["mutants"]:
+        if r["status"] in ("survived", "error"):
+            print(f"  {r['status'].upper()}: {r['file']}:{r['line']} {r['function']} [{r['kind']}] "
+                  f"{r['original']}  ->  {r['mutated']}")
+    if report["deselected_broken_tests"]:
+        print("  deselected (fail on the original code too): " + ", ".join(report["deselected_broken_tests"]))
+    if options.json:
+        with open(options.json, "w") as handle:
+            json.dump(report, handle, indent=1)
+    if options.report:
+        before = None
+        if options.before:
+            with open(options.before) as handle:
+                before = json.load(handle)
+            report["before"] = {"date": before["date"], "commit": before.get("commit"),
+                                "summary": before["summary"],
+                                "survivors": [r for r in before["mutants"] if r["status"] == "survived"]}
+        with open(options.report + ".json", "w") as handle:
+            json.dump(report, handle, indent=1)
+        with open(options.report + ".md", "w") as handle:
+            handle.write(markdown(report, before))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
