@@ -1,5 +1,8 @@
 """ReLU, and the residual join that ends every ResNet block.
 
+The engine's version of :mod:`numres.reference.activation` (read that first): the same math,
+run in cache-sized tiles on all cores and writing into preallocated outputs.
+
 ReLU::            y = max(x, 0)                  dx = dy * [y > 0]
 Residual join::   y = max(x + identity, 0)       dx = d(identity) = dy * [y > 0]
 

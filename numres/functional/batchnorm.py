@@ -1,5 +1,11 @@
 """Batch normalisation over (N, C, H, W), per channel, with an optional fused ReLU.
 
+The engine's version of :mod:`numres.reference.batchnorm` (read that first: its backward is the
+textbook result in ``xhat``, derived step by step).  What changed, and why: the backward is
+rewritten in terms of ``x`` (``dx = g*a + x*b + c``, per-channel constants), so no ``xhat``-sized
+array is kept or rebuilt; the sums are taken in one pass over cache-sized tiles of channels-last
+rows, on all cores; and a ReLU can be fused into the same passes.
+
 Forward, for each channel over its ``m = N*H*W`` values::
 
     mean = sum(x) / m                 var = sum((x - mean)^2) / m      (biased)

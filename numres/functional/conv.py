@@ -1,5 +1,12 @@
 """2-D convolution as im2col + GEMM, forward beside backward.
 
+The engine's version of :mod:`numres.reference.conv` (read that first: a sum over the kernel's
+offsets, its gradient derived in the docstring).  What changed, and why: every window is copied
+into one patch matrix so that the whole layer is one large GEMM, which BLAS runs near its peak;
+activations are stored channels-last so that copy is contiguous and a 1x1 convolution needs none;
+the patch matrix is built a chunk of images at a time (a bounded workspace) on all cores.
+``docs/ladder.md`` measures each of these steps.
+
 Layout.  Arrays keep PyTorch's NCHW *shape*, but the work is done on the
 NHWC *view* ``x.transpose(0, 2, 3, 1)``.  When ``x`` is stored channels-last
 (as every activation numres produces is) that view is contiguous, so

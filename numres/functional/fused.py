@@ -1,5 +1,8 @@
 """Convolution followed by BatchNorm, fused: forward beside backward.
 
+The textbook runs :func:`numres.reference.conv2d_forward` then
+:func:`numres.reference.batchnorm_eval_forward`; this file computes the same in one step.
+
 **Folding (evaluation mode).**  With running statistics, BatchNorm is an affine map per output
 channel ``o``, so it folds into the convolution before it::
 

@@ -1,5 +1,7 @@
 """Fully connected layer.
 
+The same math as :mod:`numres.reference.linear`; the engine adds only the frozen-weight shortcut.
+
 Forward::   y = x @ W^T + b          x: (..., in), W: (out, in), b: (out,)
 Backward::  dx = dy @ W      dW = dy^T @ x      db = sum of dy over the leading axes
 

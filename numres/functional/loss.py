@@ -1,5 +1,8 @@
 """Softmax cross-entropy on logits, as PyTorch's ``cross_entropy`` defines it.
 
+The engine's version of :mod:`numres.reference.loss`, which derives the gradient; this one adds
+class weights, ``ignore_index``, probability targets and (N, C, d1, ...) logits in one code path.
+
 The class axis is axis 1 of the logits (axis 0 for unbatched ``(C,)`` logits).  Every other
 axis is a sample axis, so ``(N, C, d1, ...)`` logits are ``M = N * d1 * ...`` independent rows;
 below, ``i`` runs over those rows and ``c`` over the ``C`` classes.

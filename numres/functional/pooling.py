@@ -1,5 +1,8 @@
 """Max, average and adaptive-average pooling over (N, C, H, W), forward beside backward.
 
+The engine's version of :mod:`numres.reference.pooling` (read that first): the same taps over
+the window, done on a channels-last copy, chunk by chunk on all cores.
+
 The pools walk the kernel one tap at a time over strided views of a padded,
 channels-last copy of the input (see :func:`numres.functional.conv.kernel_offsets`),
 so no Python loop ever runs over pixels and no window-sized temporary is built.

@@ -1,5 +1,7 @@
 """Winograd convolution F(m x m, 3 x 3) for 3x3, stride-1 layers: forward beside both backward passes.
 
+The same convolution as :func:`numres.reference.conv2d_forward`, with fewer multiplications.
+
 One output tile.  A 3x3 kernel ``g`` slid over an ``a x a`` input tile ``d`` (``a = m + 2``)
 gives an ``m x m`` output tile.  Winograd (Lavin & Gray, 2016) writes it as::
 
