@@ -358,3 +358,201 @@ def test_transforms_reject_bad_arguments():
         T.CenterCrop(3)(np.zeros((5, 5, 3), np.uint8))
     with pytest.raises(TypeError, match="numpy.random.Generator"):
         T.RandomHorizontalFlip()(noise_image(4, 4), rng=3)
+
+
+# --- Pad, RandomCrop, ColorJitter (issue 18) -----------------------------------------------------------
+#
+# torchvision's definitions, written out in PyTorch: padding modes are torch.nn.functional.pad's
+# ("edge" = "replicate"; "symmetric" = the image mirrored with its border repeated, built by flipping);
+# the colour adjustments are torchvision's tensor formulas (blend with black / the mean grey / the grey
+# image, clamped to [0, 1]; hue through HSV, here Python's colorsys pixel by pixel).  For Pillow images
+# torchvision calls Pillow's ImageEnhance, which is what numres must equal.
+
+def torch_pad(chw, left, top, right, bottom, mode, fill=0.0):
+    """torchvision's padding of a (C, H, W) tensor."""
+    x = chw[None]
+    if mode == "constant":
+        out = torch.nn.functional.pad(x, (left, right, top, bottom), mode="constant", value=0.0)[0]
+        mask = torch.ones_like(chw[:1], dtype=torch.bool)
+        inside = torch.nn.functional.pad(mask[None].double(), (left, right, top, bottom))[0].bool()
+        fill = torch.as_tensor(fill, dtype=out.dtype).reshape(-1, 1, 1).expand(out.shape[0], 1, 1)
+        return torch.where(inside, out, fill)
+    if mode in ("edge", "reflect"):
+        return torch.nn.functional.pad(x, (left, right, top, bottom), mode="replicate" if mode == "edge"
+                                       else "reflect")[0]
+    rows = torch.cat([chw.flip(1)[:, chw.shape[1] - top:], chw, chw.flip(1)[:, :bottom]], dim=1)
+    return torch.cat([rows.flip(2)[:, :, rows.shape[2] - left:], rows, rows.flip(2)[:, :, :right]], dim=2)
+
+
+def as_chw(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.float64).transpose(2, 0, 1).copy())
+
+
+@pytest.mark.parametrize("mode", T.PADDING_MODES)
+@pytest.mark.parametrize("padding", [3, (2, 1), (1, 2, 3, 0), [2], (0, 0, 0, 4)])
+def test_pad_matches_torch_padding(mode, padding):
+    image = noise_image(9, 7, seed=3)
+    fill = (10, 20, 30)
+    left, top, right, bottom = T._padding_sides(padding)
+    expected = torch_pad(as_chw(image), left, top, right, bottom, mode, fill)
+    for value in (image, np.asarray(image)):
+        padded = T.Pad(padding, fill=fill, padding_mode=mode)(value)
+        assert type(padded) is type(value)
+        assert np.array_equal(as_chw(padded).numpy(), expected.numpy())
+    grey = np.asarray(image.convert("L"))
+    padded = T.pad(grey, padding, fill=5, padding_mode=mode)
+    assert np.array_equal(padded, torch_pad(torch.from_numpy(grey[None].astype(np.float64)), left, top, right,
+                                            bottom, mode, 5.0)[0].numpy())
+
+
+def test_random_crop_is_a_window_of_the_padded_image():
+    """RandomCrop(32, padding=4): every output is the 32x32 window at (i, j) of the zero-padded image,
+    with (i, j) uniform over 0..8 x 0..8."""
+    image = noise_image(32, 32, seed=4)
+    crop = T.RandomCrop(32, padding=4)
+    padded = torch_pad(as_chw(image), 4, 4, 4, 4, "constant")
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(300):
+        state = rng.bit_generator.state
+        out = crop(image, rng)
+        replay = np.random.default_rng()
+        replay.bit_generator.state = state
+        i, j = int(replay.integers(0, 9)), int(replay.integers(0, 9))
+        assert np.array_equal(as_chw(out).numpy(), padded[:, i:i + 32, j:j + 32].numpy())
+        seen.add((i, j))
+    assert len(seen) > 70                              # of 81 places
+    same = np.random.default_rng(5)
+    assert np.array_equal(np.asarray(crop(image, same)), np.asarray(crop(image, np.random.default_rng(5))))
+
+
+def test_random_crop_pad_if_needed_and_params_follow_torchvision():
+    image = noise_image(10, 6, seed=5)
+    # torchvision pads a short side by the whole shortfall at both ends, then crops at random
+    crop = T.RandomCrop((9, 12), pad_if_needed=True, fill=7, padding_mode="constant")
+    padded = crop.padded(image)
+    expected = torch_pad(as_chw(image), 2, 3, 2, 3, "constant", 7)
+    assert np.array_equal(as_chw(padded).numpy(), expected.numpy())
+    out = crop(np.asarray(image), np.random.default_rng(0))
+    assert out.shape == (9, 12, 3)
+    assert T.RandomCrop.get_params(image, (6, 10)) == (0, 0, 6, 10)
+    with pytest.raises(ValueError, match=r"Required crop size \(7, 10\) is larger than input image size \(6, 10\)"):
+        T.RandomCrop(size=(7, 10))(image)
+    with pytest.raises(ValueError, match="padding_mode"):
+        T.RandomCrop(8, padding=1, padding_mode="wrap")
+    with pytest.raises(ValueError, match="padding must be"):
+        T.RandomCrop(8, padding=(1, 2, 3))
+    assert repr(T.RandomCrop(32, padding=4)) == "RandomCrop(size=(32, 32), padding=4)"
+
+
+def torchvision_gray(x):
+    return (0.2989 * x[..., 0:1, :, :] + 0.587 * x[..., 1:2, :, :] + 0.114 * x[..., 2:3, :, :]).to(x.dtype)
+
+
+def torchvision_adjust(name, x, factor):
+    """torchvision's tensor formulas for float images in [0, 1]."""
+    if name == "brightness":
+        return (factor * x).clamp(0, 1)
+    if name == "contrast":
+        mean = torchvision_gray(x).mean(dim=(-3, -2, -1), keepdim=True)
+        return (factor * x + (1 - factor) * mean).clamp(0, 1)
+    if name == "saturation":
+        return (factor * x + (1 - factor) * torchvision_gray(x)).clamp(0, 1)
+    import colorsys
+    out = torch.empty_like(x)
+    for row in range(x.shape[1]):
+        for col in range(x.shape[2]):
+            h, s, v = colorsys.rgb_to_hsv(*x[:, row, col].tolist())
+            out[:, row, col] = torch.tensor(colorsys.hsv_to_rgb((h + factor) % 1.0, s, v), dtype=x.dtype)
+    return out
+
+
+def colour_image(seed, height=7, width=6, dtype=np.float64):
+    """Random colours plus greys, pure hues and ties between channels."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((3, height, width))
+    x[:, 0, 0] = 0.5
+    x[:, 0, 1] = [1.0, 0.0, 0.0]
+    x[:, 0, 2] = [0.2, 0.9, 0.9]
+    x[:, 0, 3] = [0.7, 0.7, 0.1]
+    x[:, 1, :] = np.round(x[:, 1, :] * 4) / 4
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue"])
+def test_colour_adjustments_match_torchvision_formulas(name):
+    factors = (-0.5, -0.21, 0.0, 0.13, 0.5) if name == "hue" else (0.0, 0.4, 1.0, 1.6)
+    adjust = getattr(T, f"adjust_{name}")
+    for factor in factors:
+        for seed in range(2):
+            x = colour_image(seed)
+            expected = torchvision_adjust(name, torch.from_numpy(x), factor)
+            out = adjust(x, factor)
+            assert out.dtype == np.float64 and out.shape == x.shape
+            assert np.abs(out - expected.numpy()).max() < 1e-12, (factor, np.abs(out - expected.numpy()).max())
+            single = adjust(x.astype(np.float32), factor)
+            assert single.dtype == np.float32 and np.abs(single - expected.numpy()).max() < 2e-6
+        batch = np.stack([colour_image(0), colour_image(1)])           # (N, 3, H, W) on the backend
+        stacked = np.stack([adjust(colour_image(0), factor), adjust(colour_image(1), factor)])
+        if name != "contrast":
+            assert np.array_equal(adjust(batch, factor), stacked)
+    with pytest.raises(ValueError):
+        adjust(colour_image(0), 0.7 if name == "hue" else -0.1)
+
+
+@pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue"])
+def test_colour_adjustments_on_pillow_images_are_torchvisions(name):
+    """For Pillow images torchvision calls ImageEnhance (brightness, contrast, saturation) and shifts
+    the hue byte of Pillow's HSV by int(255 h) modulo 256."""
+    from PIL import ImageEnhance
+    image = noise_image(11, 9, seed=6)
+    adjust = getattr(T, f"adjust_{name}")
+    for factor in ((-0.5, -0.2, 0.0, 0.3) if name == "hue" else (0.0, 0.5, 1.3)):
+        out = adjust(image, factor)
+        if name == "hue":
+            h, s, v = image.convert("HSV").split()
+            shifted = Image.fromarray(((np.asarray(h).astype(np.int64) + int(factor * 255)) % 256).astype(np.uint8))
+            expected = Image.merge("HSV", (shifted, s, v)).convert("RGB")
+        else:
+            enhancer = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast,
+                        "saturation": ImageEnhance.Color}[name]
+            expected = enhancer(image).enhance(factor)
+        assert out.mode == "RGB" and np.array_equal(np.asarray(out), np.asarray(expected))
+    grey = image.convert("L")
+    if name in ("hue",):
+        assert adjust(grey, 0.3) is grey
+
+
+def test_color_jitter_ranges_order_and_draws():
+    jitter = T.ColorJitter(brightness=0.4, contrast=(0.5, 0.9), saturation=1.5, hue=0.1)
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == \
+        ((0.6, 1.4), (0.5, 0.9), (0.0, 2.5), (-0.1, 0.1))
+    assert T.ColorJitter().brightness is None and T.ColorJitter(hue=0).hue is None
+    assert T.ColorJitter(brightness=(1, 1)).brightness is None
+    for kwargs, error in ((dict(brightness=-0.1), ValueError), (dict(hue=0.6), ValueError),
+                          (dict(contrast=(0.9, 0.5)), ValueError), (dict(saturation=(1, 2, 3)), TypeError)):
+        with pytest.raises(error):
+            T.ColorJitter(**kwargs)
+    x = colour_image(3)
+    rng = np.random.default_rng(9)
+    orders = set()
+    for _ in range(40):
+        state = rng.bit_generator.state
+        out = jitter(x, rng)
+        replay = np.random.default_rng()
+        replay.bit_generator.state = state
+        order, b, c, s, h = T.ColorJitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation,
+                                                     jitter.hue, replay)
+        assert sorted(order) == [0, 1, 2, 3] and 0.6 <= b <= 1.4 and 0.5 <= c <= 0.9 and abs(h) <= 0.1
+        expected = torch.from_numpy(x)
+        for index in order:
+            expected = torchvision_adjust(("brightness", "contrast", "saturation", "hue")[index], expected,
+                                          (b, c, s, h)[index])
+        assert np.abs(out - expected.numpy()).max() < 1e-12
+        orders.add(tuple(order))
+    assert len(orders) > 10
+    image = noise_image(8, 8, seed=1)
+    pipeline = T.Compose([T.RandomCrop(8, padding=2), jitter, T.ToArray()])
+    assert np.array_equal(pipeline(image, np.random.default_rng(2)), pipeline(image, np.random.default_rng(2)))
+    with pytest.raises(TypeError, match="float"):
+        jitter(np.zeros((8, 8, 3), np.uint8))

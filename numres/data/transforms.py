@@ -15,6 +15,13 @@ Geometric transforms take and return Pillow images; :class:`ToArray` turns one i
                             an image smaller than the crop is first padded with zeros,
                             (d // 2) before and ((d + 1) // 2) after
     RandomHorizontalFlip(p) mirror with probability p
+    Pad(padding, fill, padding_mode)   add pixels round the image (constant, edge, reflect, symmetric)
+    RandomCrop(size, padding=None, pad_if_needed=False, fill=0, padding_mode="constant")
+                            pad, then a size window at a uniformly random place
+                            (RandomCrop(32, padding=4): the CIFAR augmentation of He et al.)
+    ColorJitter(brightness, contrast, saturation, hue)
+                            the four adjustments with random factors, in random order;
+                            Pillow images or float (C, H, W) arrays (after ToArray)
     ToArray()               (H, W, C) uint8 -> (C, H, W) float32, x / 255
     Normalize(mean, std)    (x - mean_c) / std_c
 
@@ -47,6 +54,7 @@ import numbers
 
 import numpy as np
 
+from .. import backend as B
 from ..imagenet import _pillow, resized_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)      # torchvision's ImageNet statistics (RGB, pixels in [0, 1])
@@ -334,6 +342,369 @@ class RandomHorizontalFlip(RandomTransform):
         return f"p={self.p}"
 
 
+# --- padding and random crops (torchvision's Pad / RandomCrop) -----------------------------------------
+
+PADDING_MODES = ("constant", "edge", "reflect", "symmetric")
+
+
+def _padding_sides(padding) -> tuple:
+    """torchvision's padding argument as ``(left, top, right, bottom)``: an int pads every side, a pair
+    ``(left/right, top/bottom)``, a 4-sequence each side."""
+    if isinstance(padding, numbers.Integral) and not isinstance(padding, bool):
+        sides = (int(padding),) * 4
+    elif isinstance(padding, (tuple, list)) and len(padding) in (1, 2, 4) and all(
+            isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in padding):
+        padding = [int(p) for p in padding]
+        sides = tuple(padding * 4) if len(padding) == 1 else \
+            (padding[0], padding[1], padding[0], padding[1]) if len(padding) == 2 else tuple(padding)
+    else:
+        raise ValueError(f"padding must be an int or a sequence of 1, 2 or 4 ints, got {padding!r}")
+    if min(sides) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return sides
+
+
+def _pixels_of(image, what):
+    """``(pixels, rebuild)``: the ``(H, W[, C])`` array of a Pillow image or array, and how to turn a
+    result back into the caller's type."""
+    Image = _pillow()
+    if isinstance(image, Image.Image):
+        _check_image(image, what)
+        mode, palette = image.mode, (image.getpalette() if image.mode == "P" else None)
+
+        def rebuild(pixels):
+            result = Image.fromarray(np.ascontiguousarray(pixels))
+            if result.mode != mode and mode not in ("P",):
+                result = result.convert(mode)
+            if palette is not None:
+                result.putpalette(palette)
+            return result
+
+        return np.asarray(image), rebuild
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3):
+            raise ValueError(f"{what} takes a Pillow image or (H, W[, C]) pixels, got shape {image.shape}")
+        return image, lambda pixels: pixels
+    raise TypeError(f"{what} takes a Pillow image or an (H, W[, C]) array, got {type(image).__name__}")
+
+
+def pad(image, padding, fill=0, padding_mode="constant"):
+    """torchvision's ``F.pad`` on a Pillow image or ``(H, W[, C])`` array.
+
+    ``padding_mode``: ``"constant"`` (the value ``fill``, a number or one per channel), ``"edge"``
+    (repeat the border pixel), ``"reflect"`` (mirror without repeating the border: ``3 2 | 1 2 3``)
+    or ``"symmetric"`` (mirror repeating it: ``2 1 | 1 2 3``); NumPy's ``np.pad`` modes of those names.
+    """
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
+    left, top, right, bottom = _padding_sides(padding)
+    pixels, rebuild = _pixels_of(image, "pad")
+    height, width = pixels.shape[:2]
+    if padding_mode == "reflect" and (max(left, right) >= width or max(top, bottom) >= height):
+        raise ValueError(f"reflect padding of {max(left, right, top, bottom)} needs an image larger than that, "
+                         f"got {width} x {height}")
+    if padding_mode != "constant":
+        widths = ((top, bottom), (left, right)) + ((0, 0),) * (pixels.ndim - 2)
+        return rebuild(np.pad(pixels, widths, mode=padding_mode))
+    channels = pixels.shape[2] if pixels.ndim == 3 else 1
+    fill_values = np.asarray(fill, dtype=np.float64).reshape(-1)
+    if fill_values.size not in (1, channels):
+        raise ValueError(f"fill must be one number or one per channel ({channels}), got {fill!r}")
+    out = np.empty((height + top + bottom, width + left + right) + pixels.shape[2:], dtype=pixels.dtype)
+    out[...] = fill_values.astype(pixels.dtype) if pixels.ndim == 3 else fill_values[0].astype(pixels.dtype)
+    out[top:top + height, left:left + width] = pixels
+    return rebuild(out)
+
+
+class Pad(Transform):
+    """Pad every side (see :func:`pad`): ``Pad(4)`` adds 4 pixels all round."""
+
+    def __init__(self, padding, fill=0, padding_mode="constant"):
+        _padding_sides(padding)
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
+        self.padding, self.fill, self.padding_mode = padding, fill, padding_mode
+
+    def __call__(self, image, rng=None):
+        return pad(image, self.padding, self.fill, self.padding_mode)
+
+    def _arguments(self):
+        return f"padding={self.padding}, fill={self.fill}, padding_mode={self.padding_mode}"
+
+
+def _image_size(image) -> tuple:
+    """``(height, width)`` of a Pillow image or an ``(H, W[, C])`` array."""
+    if isinstance(image, np.ndarray):
+        return image.shape[0], image.shape[1]
+    return image.height, image.width
+
+
+class RandomCrop(RandomTransform):
+    """torchvision's RandomCrop: pad (optionally), then keep a ``size`` window at a uniformly random place.
+
+    * ``padding`` (None, an int, a pair or four sides, as :func:`pad`) is added first, with ``fill`` and
+      ``padding_mode``; ``RandomCrop(32, padding=4)`` is the CIFAR augmentation of He et al.
+    * ``pad_if_needed=True`` then pads a side shorter than the crop by the shortfall on *both* ends
+      (torchvision's rule), so any image can be cropped.
+    * The window's top-left ``(i, j)`` is uniform over ``0..H-h`` x ``0..W-w`` (:meth:`get_params`).
+
+    Takes and returns a Pillow image or ``(H, W[, C])`` pixels.
+    """
+
+    def __init__(self, size, padding=None, pad_if_needed=False, fill=0, padding_mode="constant"):
+        self.size = _pair(size, "RandomCrop")
+        if padding is not None:
+            _padding_sides(padding)
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
+        self.padding, self.pad_if_needed, self.fill, self.padding_mode = padding, pad_if_needed, fill, padding_mode
+
+    @staticmethod
+    def get_params(image, output_size, rng=None) -> tuple:
+        """``(i, j, h, w)``: a uniformly random ``output_size`` window of ``image`` (top, left, height, width)."""
+        height, width = _image_size(image)
+        th, tw = output_size
+        if height < th or width < tw:
+            raise ValueError(f"Required crop size {(th, tw)} is larger than input image size {(height, width)}")
+        if (height, width) == (th, tw):
+            return 0, 0, height, width
+        rng = _generator(rng)
+        i = int(rng.integers(0, height - th + 1))
+        j = int(rng.integers(0, width - tw + 1))
+        return i, j, th, tw
+
+    def padded(self, image):
+        """The image after ``padding`` and ``pad_if_needed`` (the deterministic half of the transform)."""
+        if self.padding is not None:
+            image = pad(image, self.padding, self.fill, self.padding_mode)
+        height, width = _image_size(image)
+        if self.pad_if_needed and width < self.size[1]:
+            image = pad(image, [self.size[1] - width, 0], self.fill, self.padding_mode)
+        if self.pad_if_needed and height < self.size[0]:
+            image = pad(image, [0, self.size[0] - height], self.fill, self.padding_mode)
+        return image
+
+    def __call__(self, image, rng=None):
+        image = self.padded(image)
+        i, j, h, w = self.get_params(image, self.size, rng)
+        return crop(image, i, j, h, w)
+
+    def _arguments(self):
+        return f"size={self.size}, padding={self.padding}"
+
+
+def crop(image, top, left, height, width):
+    """The ``height x width`` window at ``(top, left)`` of a Pillow image or ``(H, W[, C])`` array."""
+    if isinstance(image, np.ndarray):
+        return image[top:top + height, left:left + width].copy()
+    return image.crop((left, top, left + width, top + height))
+
+
+# --- colour (torchvision's ColorJitter) ------------------------------------------------------------------
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)      # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
+
+
+def _is_pillow(image):
+    try:
+        Image = _pillow()
+    except ImportError:
+        return False
+    return isinstance(image, Image.Image)
+
+
+def _float_image(image, what):
+    """A float ``(..., C, H, W)`` array in [0, 1] with 1 or 3 channels; anything else a clear error."""
+    if not hasattr(image, "ndim") or image.ndim < 3 or image.dtype.kind != "f":
+        raise TypeError(f"{what} takes a Pillow image or float (..., C, H, W) pixels in [0, 1] (after ToArray), "
+                        f"got {getattr(image, 'dtype', type(image).__name__)} "
+                        f"{tuple(getattr(image, 'shape', ()))}")
+    if image.shape[-3] not in (1, 3):
+        raise ValueError(f"{what} takes 1 or 3 channels, got {image.shape[-3]}")
+    return image
+
+
+def _grayscale(image):
+    """``0.2989 R + 0.587 G + 0.114 B`` keeping a channel axis of 1."""
+    r, g, b = image[..., 0:1, :, :], image[..., 1:2, :, :], image[..., 2:3, :, :]
+    dtype = image.dtype.type
+    return (dtype(GRAY_WEIGHTS[0]) * r + dtype(GRAY_WEIGHTS[1]) * g + dtype(GRAY_WEIGHTS[2]) * b).astype(image.dtype)
+
+
+def _blend(image, other, ratio):
+    """``clip(ratio * image + (1 - ratio) * other, 0, 1)``: towards ``other`` below 1, away from it above."""
+    xp = B.xp_of(image)
+    dtype = image.dtype.type
+    return xp.clip(dtype(ratio) * image + dtype(1.0 - ratio) * other, 0, 1).astype(image.dtype)
+
+
+def _check_factor(factor, name):
+    if factor < 0:
+        raise ValueError(f"{name} ({factor}) is not non-negative.")
+
+
+def adjust_brightness(image, brightness_factor):
+    """Scale the pixels: ``clip(f x, 0, 1)`` (Pillow's ImageEnhance.Brightness for Pillow images).
+    0 gives black, 1 the image."""
+    _check_factor(brightness_factor, "brightness_factor")
+    if _is_pillow(image):
+        from PIL import ImageEnhance
+        return ImageEnhance.Brightness(image).enhance(brightness_factor)
+    image = _float_image(image, "adjust_brightness")
+    return _blend(image, 0.0, brightness_factor)
+
+
+def adjust_contrast(image, contrast_factor):
+    """Blend with the image's mean grey level ``m``: ``clip(f x + (1 - f) m, 0, 1)`` (Pillow's
+    ImageEnhance.Contrast for Pillow images, whose mean is rounded to an integer).  0 gives flat grey."""
+    _check_factor(contrast_factor, "contrast_factor")
+    if _is_pillow(image):
+        from PIL import ImageEnhance
+        return ImageEnhance.Contrast(image).enhance(contrast_factor)
+    image = _float_image(image, "adjust_contrast")
+    grey = _grayscale(image) if image.shape[-3] == 3 else image
+    return _blend(image, grey.mean(axis=(-3, -2, -1), keepdims=True), contrast_factor)
+
+
+def adjust_saturation(image, saturation_factor):
+    """Blend with the image's own grey version: ``clip(f x + (1 - f) grey(x), 0, 1)`` (Pillow's
+    ImageEnhance.Color for Pillow images).  0 gives black and white; a one-channel image is unchanged."""
+    _check_factor(saturation_factor, "saturation_factor")
+    if _is_pillow(image):
+        from PIL import ImageEnhance
+        return ImageEnhance.Color(image).enhance(saturation_factor)
+    image = _float_image(image, "adjust_saturation")
+    if image.shape[-3] == 1:
+        return image
+    return _blend(image, _grayscale(image), saturation_factor)
+
+
+def rgb_to_hsv(image):
+    """``(..., 3, H, W)`` RGB in [0, 1] -> HSV, each in [0, 1] (Python's ``colorsys.rgb_to_hsv``, vectorised).
+
+    ``v = max``, ``s = (max - min) / max``; with ``c = max - min`` the hue in sixths of a turn is
+    ``(g - b) / c`` where red is the maximum, ``2 + (b - r) / c`` where green is, ``4 + (r - g) / c``
+    where blue is, taken modulo 1 after dividing by 6 (0 for greys)."""
+    xp = B.xp_of(image)
+    r, g, b = image[..., 0, :, :], image[..., 1, :, :], image[..., 2, :, :]
+    v = image.max(axis=-3)
+    c = v - image.min(axis=-3)
+    grey = c == 0
+    s = c / xp.where(grey, 1, v)
+    c = xp.where(grey, 1, c)
+    h = xp.where(v == r, (g - b) / c, xp.where(v == g, 2.0 + (b - r) / c, 4.0 + (r - g) / c))
+    h = xp.where(grey, 0, xp.mod(h / 6.0 + 1.0, 1.0))
+    return xp.stack([h, s, v], axis=-3).astype(image.dtype)
+
+
+def hsv_to_rgb(image):
+    """The inverse of :func:`rgb_to_hsv` (``colorsys.hsv_to_rgb``): sector ``i = floor(6 h) mod 6``,
+    ``f = 6 h - floor(6 h)``, ``p = v (1 - s)``, ``q = v (1 - s f)``, ``t = v (1 - s (1 - f))``, and
+    ``(r, g, b)`` is ``(v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)`` in sectors 0..5."""
+    xp = B.xp_of(image)
+    h, s, v = image[..., 0, :, :], image[..., 1, :, :], image[..., 2, :, :]
+    sector = xp.floor(h * 6.0)
+    f = h * 6.0 - sector
+    sector = sector.astype(np.int64) % 6
+    p = xp.clip(v * (1.0 - s), 0, 1)
+    q = xp.clip(v * (1.0 - s * f), 0, 1)
+    t = xp.clip(v * (1.0 - s * (1.0 - f)), 0, 1)
+    table = ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))
+    channels = []
+    for channel in range(3):
+        out = xp.zeros_like(v)
+        for index, values in enumerate(table):
+            out = xp.where(sector == index, values[channel], out)
+        channels.append(out)
+    return xp.stack(channels, axis=-3).astype(image.dtype)
+
+
+def adjust_hue(image, hue_factor):
+    """Turn every pixel's hue by ``hue_factor`` of a full turn, ``-0.5 <= hue_factor <= 0.5``.
+
+    Float arrays: to HSV, ``h = (h + hue_factor) mod 1``, back to RGB.  Pillow images (as torchvision
+    does them): Pillow's 8-bit HSV, the hue byte shifted by ``int(hue_factor * 255)`` modulo 256.
+    Grey (one-channel) images are unchanged."""
+    if not -0.5 <= hue_factor <= 0.5:
+        raise ValueError(f"hue_factor ({hue_factor}) is not in [-0.5, 0.5].")
+    if _is_pillow(image):
+        Image = _pillow()
+        mode = image.mode
+        if mode in ("L", "1", "I", "F"):
+            return image
+        h, s, v = image.convert("HSV").split()
+        shifted = (np.asarray(h, dtype=np.int64) + int(hue_factor * 255)) % 256
+        h = Image.fromarray(shifted.astype(np.uint8))
+        return Image.merge("HSV", (h, s, v)).convert(mode)
+    image = _float_image(image, "adjust_hue")
+    if image.shape[-3] == 1:
+        return image
+    xp = B.xp_of(image)
+    hsv = rgb_to_hsv(image)
+    hsv[..., 0, :, :] = xp.mod(hsv[..., 0, :, :] + image.dtype.type(hue_factor), 1.0)
+    return hsv_to_rgb(hsv)
+
+
+def _jitter_range(value, name, center=1.0, bound=(0.0, math.inf), clip_first_on_zero=True):
+    """torchvision's ColorJitter argument rule: a number ``v`` means ``[center - v, center + v]`` (the
+    lower end clipped at 0 for factors), a pair is the range itself; ``None`` when it can only be
+    ``center`` (no change)."""
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"If {name} is a single number, it must be non negative.")
+        value = [center - float(value), center + float(value)]
+        if clip_first_on_zero:
+            value[0] = max(value[0], 0.0)
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        value = [float(value[0]), float(value[1])]
+    else:
+        raise TypeError(f"{name} should be a single number or a list/tuple with length 2.")
+    if not bound[0] <= value[0] <= value[1] <= bound[1]:
+        raise ValueError(f"{name} values should be between {bound}, but got {value}.")
+    if value[0] == value[1] == center:
+        return None
+    return tuple(value)
+
+
+class ColorJitter(RandomTransform):
+    """torchvision's ColorJitter: random brightness, contrast, saturation and hue changes, in random order.
+
+    Each argument is a number ``v`` (a factor drawn uniformly from ``[max(0, 1 - v), 1 + v]``; for hue
+    ``[-v, v]`` with ``v <= 0.5``) or a ``(min, max)`` pair.  Per call, :meth:`get_params` draws the order
+    (a permutation of the four) and the factors; then :func:`adjust_brightness`, :func:`adjust_contrast`,
+    :func:`adjust_saturation` and :func:`adjust_hue` run in that order.  Takes Pillow images (before
+    ToArray, Pillow's ImageEnhance math as in torchvision) or float ``(..., 3, H, W)`` arrays in [0, 1]
+    (torchvision's tensor math, on either backend).
+    """
+
+    def __init__(self, brightness=0, contrast=0, saturation=0, hue=0):
+        self.brightness = _jitter_range(brightness, "brightness")
+        self.contrast = _jitter_range(contrast, "contrast")
+        self.saturation = _jitter_range(saturation, "saturation")
+        self.hue = _jitter_range(hue, "hue", center=0.0, bound=(-0.5, 0.5), clip_first_on_zero=False)
+
+    @staticmethod
+    def get_params(brightness, contrast, saturation, hue, rng=None):
+        """``(order, b, c, s, h)``: a permutation of ``0..3`` and a factor drawn from each range (None
+        for a range that is None)."""
+        rng = _generator(rng)
+        order = [int(i) for i in rng.permutation(4)]
+        factors = [None if bounds is None else float(rng.uniform(bounds[0], bounds[1]))
+                   for bounds in (brightness, contrast, saturation, hue)]
+        return (order, *factors)
+
+    def __call__(self, image, rng=None):
+        order, *factors = self.get_params(self.brightness, self.contrast, self.saturation, self.hue, rng)
+        adjust = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        for index in order:
+            if factors[index] is not None:
+                image = adjust[index](image, factors[index])
+        return image
+
+    def _arguments(self):
+        return f"brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation}, hue={self.hue}"
+
+
 def to_uint8_pixels(image) -> np.ndarray:
     """A Pillow image or ``(H, W[, C])`` uint8 array as ``(H, W, C)`` uint8 pixels."""
     Image = _pillow()
@@ -441,4 +812,6 @@ def eval_transform(resize_size=256, crop_size=224, mean=IMAGENET_MEAN, std=IMAGE
 __all__ = ["Transform", "RandomTransform", "Compose", "RandomResizedCrop", "Resize", "CenterCrop",
            "RandomHorizontalFlip", "ToArray", "Normalize", "train_transform", "eval_transform",
            "resized_output_size", "draft_reduction", "can_draft", "INTERPOLATIONS", "MAX_ATTEMPTS",
+           "Pad", "RandomCrop", "ColorJitter", "pad", "crop", "adjust_brightness", "adjust_contrast",
+           "adjust_saturation", "adjust_hue", "rgb_to_hsv", "hsv_to_rgb", "PADDING_MODES",
            "IMAGENET_MEAN", "IMAGENET_STD"]
