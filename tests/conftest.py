@@ -7,8 +7,18 @@
 * The ``backend`` fixture runs a test on NumPy and on CuPy, skipping CuPy cleanly
   where it is not installed or no GPU is visible.
 * Hypothesis runs derandomized, with no deadline, so CI is reproducible.
+* ``NUMRES_REQUIRE`` (set by .ci/run to ``mpi,gxx``) turns the skip of a test that needs one of those
+  tools into a failure, and checks the tools before any test runs: the ``test`` extra brings mpi4py and
+  mpich, and the CI machine has g++, so such a skip there means a broken install, not a choice.  The
+  GPU tests are not in that list: without a GPU they stay skipped.
 """
 from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +109,57 @@ def backend(request):
 def cupy_backend():
     """``"cupy"``, or a clean skip where CuPy or a GPU is absent."""
     return _require_cupy()
+
+
+# --- tools the CI machine must have: a skip for want of them is a failure there ----------------------
+
+def mpi_missing():
+    """Why the MPI tests cannot run here (the reason their skip gives), or None when they can."""
+    mpiexec = shutil.which("mpiexec") or shutil.which(str(Path(sys.executable).parent / "mpiexec"))
+    if mpiexec is None or importlib.util.find_spec("mpi4py") is None:
+        return "needs mpiexec and mpi4py (pip install 'numres[mpi]')"
+    return None
+
+
+def gxx_missing():
+    """Why the g++-shim kernel tests cannot run here, or None when they can."""
+    from numres.cuda import shim
+    return None if shim.compiler() is not None else "g++ not installed"
+
+
+# tool -> (its check, the text its tests' skip reasons contain)
+REQUIRABLE = {"mpi": (mpi_missing, "needs mpiexec and mpi4py"), "gxx": (gxx_missing, "g++ not installed")}
+
+
+def required_tools() -> list:
+    names = [name.strip() for name in os.environ.get("NUMRES_REQUIRE", "").split(",") if name.strip()]
+    unknown = sorted(set(names) - set(REQUIRABLE))
+    if unknown:
+        raise pytest.UsageError(f"NUMRES_REQUIRE names unknown tools {unknown}; known: {sorted(REQUIRABLE)}")
+    return names
+
+
+def pytest_configure(config):
+    missing = {name: REQUIRABLE[name][0]() for name in required_tools()}
+    missing = {name: why for name, why in missing.items() if why}
+    if missing:
+        raise pytest.UsageError("NUMRES_REQUIRE: a broken install, these tests would be skipped: " +
+                                "; ".join(f"{name}: {why}" for name, why in missing.items()))
+
+
+def _skip_reason(report) -> str:
+    return report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report)
+    for name in required_tools():
+        if REQUIRABLE[name][1] in reason:
+            report.outcome = "failed"
+            report.longrepr = (f"skipped ({reason}), but NUMRES_REQUIRE lists {name!r}: CI requires these "
+                               f"tests to run, so the skip means a broken install")

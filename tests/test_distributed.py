@@ -2,11 +2,11 @@
 
 The multi-process checks run the scripts in tests/distributed/ under ``mpiexec -n 2`` (each with a
 timeout, so a hang fails instead of blocking CI) and assert on the JSON they write.  They are skipped,
-with the reason, only where mpiexec or mpi4py is missing (``pip install 'numres[mpi]'``).
+with the reason, only where mpiexec or mpi4py is missing (``pip install 'numres[mpi]'``); under
+.ci/run (``NUMRES_REQUIRE=mpi,...``, see conftest.py) that skip is a failure.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,14 +20,13 @@ import torch
 
 import numres as nr
 from numres.nn.parallel.reducer import plan_buckets
+from conftest import mpi_missing
 from torch_reference import rel_err
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = HERE / "distributed"
 MPIEXEC = shutil.which("mpiexec") or shutil.which(str(Path(sys.executable).parent / "mpiexec"))
-HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
-needs_mpi = pytest.mark.skipif(MPIEXEC is None or not HAVE_MPI4PY,
-                               reason="needs mpiexec and mpi4py (pip install 'numres[mpi]')")
+needs_mpi = pytest.mark.skipif(mpi_missing() is not None, reason=str(mpi_missing()))   # a failure in CI
 TIMEOUT_S = 120
 
 
