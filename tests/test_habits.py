@@ -430,3 +430,45 @@ def test_pool_stride_empty_means_kernel_size(kernel, stride):
         assert rel_err(layer(x), expected) < 1e-15
         assert rel_err(layer.backward(upstream), grad) < 1e-15
         assert str(layer).startswith(str(torch_module(kernel, stride=stride))[:-1].split(", padding")[0])
+
+
+# --- the same on every backend (CuPy where a GPU is present) ----------------------------------------
+
+def test_habits_on_backend(backend):
+    """init, clipping, MSELoss, the colour adjustments and TensorDataset work on the backend's own arrays
+    and give the NumPy results; clipping returns a 0-d array there (no host read)."""
+    from numres.data import transforms as T
+    xp = nr.backend.get_xp(backend)
+    host = np.random.default_rng(0).standard_normal((6, 4, 3, 3))
+    device = xp.asarray(host)
+    I.kaiming_uniform_(device, generator=np.random.default_rng(1))
+    assert rel_err(device, I.kaiming_uniform_(np.empty((6, 4, 3, 3)), generator=np.random.default_rng(1))) == 0
+    assert rel_err(I.eye_(xp.ones((3, 4))), np.eye(3, 4)) == 0 and rel_err(I.zeros_(device), np.zeros_like(host)) == 0
+
+    ours, theirs = _gradient_pairs(5)
+    for p in ours:
+        p.data = xp.asarray(p.data)
+        p.grad = None if p.grad is None else xp.asarray(p.grad)
+    for norm_type in (2.0, math.inf):
+        total = nr.nn.utils.clip_grad_norm_(ours, 0.3, norm_type)
+        expected = torch.nn.utils.clip_grad_norm_(theirs, 0.3, norm_type)
+        assert isinstance(total, xp.ndarray) and rel_err(total, expected) < 1e-14
+    nr.nn.utils.clip_grad_value_(ours, 0.01)
+    torch.nn.utils.clip_grad_value_(theirs, 0.01)
+    assert max(rel_err(p.grad, t.grad) for p, t in zip(ours, theirs) if p.grad is not None) < 1e-14
+
+    x, y = xp.asarray(host), xp.asarray(host[::-1].copy())
+    crit = nr.nn.MSELoss(backend=backend, dtype="float64")
+    loss = crit(x, y)
+    xt = torch.from_numpy(host).requires_grad_()
+    expected = torch.nn.functional.mse_loss(xt, torch.from_numpy(host[::-1].copy()))
+    expected.backward()
+    assert isinstance(loss, xp.ndarray) and rel_err(loss, expected) < 1e-14
+    assert rel_err(crit.backward(), xt.grad) < 1e-14
+
+    image = np.random.default_rng(2).random((2, 3, 5, 4))
+    for name, factor in (("brightness", 1.3), ("contrast", 0.6), ("saturation", 1.7), ("hue", -0.3)):
+        adjust = getattr(T, f"adjust_{name}")
+        assert rel_err(adjust(xp.asarray(image), factor), adjust(image, factor)) < 1e-15
+    data = nr.data.TensorDataset(x, xp.arange(6))
+    assert len(data) == 6 and isinstance(data[xp.asarray([1, 2])][0], xp.ndarray)
