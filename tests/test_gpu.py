@@ -41,6 +41,7 @@ needs_torch_cuda = pytest.mark.skipif(not TORCH_CUDA, reason="PyTorch has no CUD
 import numres.cuda as cuda                                            # noqa: E402
 import numres.functional as F                                         # noqa: E402
 import torch_reference as ref                                         # noqa: E402
+from error_measure import worst as worst_error                        # noqa: E402
 from numres.cuda import activation, batchnorm, conv, loss, pooling   # noqa: E402
 from test_cuda_sources import CONV_CASES, POOL_CASES                 # noqa: E402
 
@@ -331,8 +332,8 @@ def test_resnet50_float64_on_cupy_matches_torch_cuda(mode):
     reference.train(mode == "train")
     x, upstream = _resnet50_batch("float64")
     errors = ref.compare_passes(ref.numres_pass(model, x, upstream), _torch_cuda_pass(reference, x, upstream))
-    worst = max(errors, key=errors.get)
-    assert errors[worst] < TOL["float64"], f"{mode}/float64: worst {worst} {errors[worst]:.2e}"
+    worst, error = worst_error(errors)
+    assert error < TOL["float64"], f"{mode}/float64: worst {worst} {error:.2e}"
 
 
 @needs_torch_cuda
@@ -423,10 +424,11 @@ def test_tf32_switch_changes_float32_gemms_only_when_on():
     for enabled in (False, True):
         cuda.set_tf32(enabled)
         assert cuda.tf32_enabled() is enabled
-        errors[enabled] = np.abs(host(a32 @ b32) - exact).max() / np.abs(exact).max()
+        errors[enabled] = ref.rel_err(host(a32 @ b32), exact)
         # The batched (3-D) path follows the cuBLAS handle's math mode.
-        errors[(enabled, "batched")] = np.abs(host(cupy.matmul(a32[None], b32[None]))[0] - exact).max() / np.abs(
-            exact).max()
+        errors[(enabled, "batched")] = ref.rel_err(host(cupy.matmul(a32[None], b32[None]))[0], exact)
     cuda.set_tf32(False)
     assert errors[False] < 1e-5 and errors[(False, "batched")] < 1e-5
-    assert errors[True] > 1e-4 and errors[(True, "batched")] > 1e-4
+    # TF32 keeps 10 mantissa bits (unit roundoff 2^-11 = 4.9e-4): visibly worse than float32, yet
+    # finite and far from garbage (rel_err gives inf for NaN or inf, which the upper bound refuses).
+    assert 1e-4 < errors[True] < 1e-2 and 1e-4 < errors[(True, "batched")] < 1e-2, errors
