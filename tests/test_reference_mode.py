@@ -194,3 +194,14 @@ def test_unknown_or_wrong_settings_are_named():
     with pytest.raises(ValueError, match="convolution algorithm"):
         nr.config.conv_algorithm = "fft"
     assert nr.config.reference_mode is False and nr.config.conv_algorithm == "auto"
+
+
+@pytest.mark.parametrize("forward_in_mode", [True, False])
+def test_forward_and_backward_in_different_modes_is_a_clear_error(forward_in_mode):
+    conv = nr.nn.Conv2d(2, 3, 3, dtype="float64")
+    x = np.random.default_rng(13).standard_normal((1, 2, 5, 5))
+    with nr.reference_mode(forward_in_mode):
+        y = conv(x)
+    with nr.reference_mode(not forward_in_mode):
+        with pytest.raises(RuntimeError, match="forward ran (inside|outside) numres.reference_mode"):
+            conv.backward(np.ones_like(y))

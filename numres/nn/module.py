@@ -31,6 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend as B
+from ..config import is_reference_mode
 from ..functional.dispatch import ops_for
 
 _grad_enabled = True
@@ -377,6 +378,7 @@ class Module:
         """Keep ``cache`` for the next backward, unless gradients are disabled."""
         self.__dict__["_cache"] = cache if _grad_enabled else None
         self.__dict__["_cache_freed"] = False
+        self.__dict__["_cache_in_reference_mode"] = is_reference_mode()
 
     def saved_cache(self):
         """The cache of the last forward; a clear error when there is none (never run, or already used)."""
@@ -388,6 +390,11 @@ class Module:
             raise RuntimeError(
                 f"{type(self).__name__}.backward() called before forward() "
                 f"(or the forward ran under numres.no_grad(), or the module was moved with .to() since)")
+        if self.__dict__.get("_cache_in_reference_mode", False) != is_reference_mode():
+            inside = "inside" if self._cache_in_reference_mode else "outside"
+            raise RuntimeError(
+                f"{type(self).__name__}.backward(): its forward ran {inside} numres.reference_mode() and its "
+                f"backward does not; run a forward and its backward in the same mode")
         return self._cache
 
     def _free_cache(self):
