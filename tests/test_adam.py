@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import numres as nr
-import torch_reference as R
-from conftest import TORCH_DTYPE, assert_close, to_torch
+from conftest import assert_close, to_torch
 from numres.testing import GuardedArray, no_transfers
 from test_optim import twin_nets
 
 OPTIMIZERS = {"Adam": (nr.optim.Adam, torch.optim.Adam), "AdamW": (nr.optim.AdamW, torch.optim.AdamW)}
 
+FLOAT32_TRAINING_BOUND = 1e-5     # see test_training_a_network_matches_torch
 VARIANTS = {
     "defaults": dict(lr=1e-2),
     "amsgrad": dict(lr=1e-2, amsgrad=True),
@@ -100,16 +100,17 @@ def test_two_param_groups_match_torch(name):
 def test_training_a_network_matches_torch(name, variant, dtype):
     """Forward, loss, backward and 5 optimizer steps of a small conv net on both sides.
 
-    float64 is checked against torch float64 to 1e-10.  float32 is judged against the float64
-    truth: numres's float32 error must be no worse than torch's own float32 error plus a margin."""
+    float64 is checked against torch float64 to 1e-10.  float32 is judged against that float64
+    truth alone, to FLOAT32_TRAINING_BOUND = 1e-5 per parameter: about 170 float32 unit roundoffs
+    (2^-24 = 6e-8).  Measured: at most 3.3e-7 (numres) and 2.1e-7 (torch's own float32) over these
+    variants, so the bound leaves a 30x margin for another CPU's summation order, while a float32
+    formula that loses precision (a bias correction or a square root taken in a cancelling order, a
+    moment rounded to float16-like precision) or any algorithmic slip lands far above it."""
     ours_cls, torch_cls = OPTIMIZERS[name]
     ours, _ = twin_nets(dtype, seed=21)
     _, truth = twin_nets("float64", seed=21)
-    _, torch_same = twin_nets(dtype, seed=21)
-    torch_same.to(TORCH_DTYPE[dtype])           # torch in the same dtype, only to size its own error
     opt_ours = ours_cls(ours.parameters(), **VARIANTS[variant])
     opt_truth = torch_cls(truth.parameters(), foreach=False, **VARIANTS[variant])
-    opt_same = torch_cls(torch_same.parameters(), foreach=False, **VARIANTS[variant])
     crit = nr.nn.CrossEntropyLoss(label_smoothing=0.1, dtype=dtype)
     rng = np.random.default_rng(22)
     for step in range(5):
@@ -119,19 +120,15 @@ def test_training_a_network_matches_torch(name, variant, dtype):
         crit(ours(x.astype(dtype)), target)
         ours.backward(crit.backward())
         opt_ours.step()
-        for model, opt, x_dtype in ((truth, opt_truth, torch.float64), (torch_same, opt_same, TORCH_DTYPE[dtype])):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(to_torch(x).to(x_dtype)), torch.from_numpy(target),
-                                              label_smoothing=0.1).backward()
-            opt.step()
-    same = dict(torch_same.named_parameters())
+        opt_truth.zero_grad()
+        torch.nn.functional.cross_entropy(truth(to_torch(x)), torch.from_numpy(target), label_smoothing=0.1).backward()
+        opt_truth.step()
+    truth_params = dict(truth.named_parameters())
+    assert list(truth_params) == [pname for pname, _ in ours.named_parameters()]
     for pname, p in ours.named_parameters():
-        reference = dict(truth.named_parameters())[pname]
-        if dtype == "float64":
-            assert_close(p.data, reference, dtype, pname)
-        else:
-            torch_error = R.rel_err(same[pname], reference)
-            assert R.rel_err(p.data, reference) <= max(1e-4, 10 * torch_error), pname
+        assert p.data.dtype == np.dtype(dtype), pname
+        assert_close(p.data, truth_params[pname], dtype, pname,
+                     tol=None if dtype == "float64" else FLOAT32_TRAINING_BOUND)
 
 
 @pytest.mark.parametrize("through_file", [False, True])
