@@ -178,10 +178,11 @@ class CblasGemm:
 
     def function(self, dtype):
         """The raw ctypes function for ``dtype`` (float32 or float64), or None."""
-        return self._functions.get(str(dtype))
+        import numpy
+        return self._functions.get(numpy.dtype(dtype).name)
 
     def __call__(self, dtype, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-        self._functions[str(dtype)](ROW_MAJOR, TRANS if trans_a else NO_TRANS, TRANS if trans_b else NO_TRANS,
+        self.function(dtype)(ROW_MAJOR, TRANS if trans_a else NO_TRANS, TRANS if trans_b else NO_TRANS,
                                     m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
 
@@ -198,6 +199,52 @@ def cblas_gemm():
             if s is not None and d is not None:
                 return CblasGemm(path, s, d, ilp64)
     return None
+
+
+# --- a thread's own BLAS thread count -----------------------------------------------------------------
+
+_LOCAL_SYMBOLS = ("scipy_openblas_set_num_threads_local64_", "scipy_openblas_set_num_threads_local",
+                  "openblas_set_num_threads_local64_", "openblas_set_num_threads_local")
+
+
+@functools.lru_cache(maxsize=1)
+def _local_control():
+    """OpenBLAS's ``openblas_set_num_threads_local`` (0.3.27 and later; returns the previous count), or None."""
+    for path in _loaded_openblas():
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _LOCAL_SYMBOLS:
+            function = getattr(library, name, None)
+            if function is not None:
+                function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+                return function
+    return None
+
+
+def local_blas_threads_available() -> bool:
+    """True when one thread can run its BLAS calls on a thread count of its own (:func:`local_blas_threads`)."""
+    return _local_control() is not None
+
+
+@contextlib.contextmanager
+def local_blas_threads(count: int):
+    """BLAS calls made by *this thread* inside the block use ``count`` threads; other threads keep theirs.
+
+    What numres's own parallel sections use: each of its threads runs single-threaded GEMMs on its
+    share of the rows, where one multi-threaded GEMM of a thin matrix would synchronise its
+    threads once per block of K.  Raises where the BLAS has no such control
+    (:func:`local_blas_threads_available`).
+    """
+    control = _local_control()
+    if control is None:
+        raise RuntimeError("this BLAS has no per-thread thread count (openblas_set_num_threads_local)")
+    before = control(int(count))
+    try:
+        yield
+    finally:
+        control(before)
 
 
 settle_thread_timeout()

@@ -85,3 +85,14 @@ def map_tiles(function, rows: int, row_elements: int, xp=np, tile_elements: int 
     for future in others:
         results.extend(future.result())
     return results
+
+
+def run_parts(function, count: int) -> list:
+    """``[function(index) for index in range(count)]``, part 0 on the calling thread and the others on
+    numres's pool (serially when called from the pool itself); results in order."""
+    if count <= 1 or _in_pool():
+        return [function(index) for index in range(count)]
+    others = [_executor().submit(function, index) for index in range(1, count)]
+    results = [function(0)]
+    results.extend(future.result() for future in others)
+    return results

@@ -299,7 +299,9 @@ def test_auto_rule(restore_algorithm):
     nr.functional.set_conv_algorithm("auto")
     with blas_threads(2):
         for c, side in [(64, 56), (128, 28), (256, 14)]:
-            assert choose((8, c, side, side), (c, c, 3, 3), 1, 1) == "im2col", (c, side)
+            # not Winograd; implicit GEMM where its rule takes the layer (tests/test_implicit_gemm.py)
+            expected = "implicit" if side >= 28 and algorithms.implicit_available() else "im2col"
+            assert choose((8, c, side, side), (c, c, 3, 3), 1, 1) == expected, (c, side)
     with blas_threads(1):
         _auto_rule_on_one_thread(choose)
 
@@ -331,9 +333,10 @@ def test_benchmark_mode_measures_each_shape_once(rng, restore_algorithm, monkeyp
 
     def counting(*args, **kwargs):
         seconds = real(*args, **kwargs)
-        assert set(seconds) == {"im2col", "winograd"} and all(s > 0 for s in seconds.values())
+        assert {"im2col", "winograd"} <= set(seconds) and all(s > 0 for s in seconds.values())
         calls.append(seconds)
-        return {"im2col": 2.0, "winograd": 1.0} if len(calls) == 1 else {"im2col": 1.0, "winograd": 2.0}
+        faster = "winograd" if len(calls) == 1 else "im2col"
+        return {name: 1.0 if name == faster else 2.0 for name in seconds}
 
     monkeypatch.setattr(algorithms, "measure_conv_algorithms", counting)
     nr.functional.set_conv_algorithm("auto", benchmark=True)

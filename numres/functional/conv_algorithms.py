@@ -1,17 +1,41 @@
-"""Which algorithm computes a convolution: im2col + GEMM (the reference) or Winograd.
+"""Which algorithm computes a convolution: im2col + GEMM (the reference), Winograd, or implicit GEMM.
 
 ::
 
     nr.functional.set_conv_algorithm("im2col")     # every convolution: im2col + GEMM
     nr.functional.set_conv_algorithm("winograd")   # 3x3 stride-1 layers: Winograd F(2x2, 3x3)
     nr.functional.set_conv_algorithm("winograd", winograd_tile=4)   # ... or F(4x4, 3x3)
+    nr.functional.set_conv_algorithm("implicit")   # stride-1 layers: slab GEMMs, no patch matrix
     nr.functional.set_conv_algorithm("auto")       # per layer shape, by the rule below (the default)
     with nr.functional.conv_algorithm("im2col"): ...                 # for one block of code
 
 Winograd computes only 3x3 kernels with stride 1, dilation 1, groups 1 and zero padding of at
 most 2; every other convolution takes the im2col path (:mod:`numres.functional.conv`), whatever
-the setting.  im2col stays the readable reference: both are tested against PyTorch and against
-each other.  The choice is made in forward, and backward follows it (the cache says which).
+the setting.  Implicit GEMM (:mod:`numres.functional.implicit_gemm`) computes stride-1 layers with
+zero padding, any kernel size, dilation and groups, by ``kh*kw`` GEMMs on slabs of the padded input
+through NumPy's own CBLAS; where NumPy's BLAS has no ``cblas_sgemm``/``cblas_dgemm`` numres says so
+once and uses im2col.  im2col stays the readable reference: all three are tested against PyTorch
+and against each other.  The choice is made in forward, and backward follows it (the cache says which).
+
+Implicit GEMM in "auto".  It saves im2col's copy (9x the input for a 3x3 kernel) and col2im's
+scatter-add, but computes the output on the padded grid, ``Hp*Wp`` rows for ``OH*OW`` wanted (1.07x
+at 56x56, 1.15x at 28x28, 1.31x at 14x14, 1.65x at 7x7), and its GEMMs have ``K = C`` instead of
+``9C``.  Measured (CPU time of one thread, AMD EPYC with AVX-512, OpenBLAS SkylakeX kernel, float32,
+median of 6 interleaved runs on a machine shared with other jobs, so +-10-20%), forward / backward
+relative to im2col::
+
+    64 at 56, N=8     0.63 / 0.65         256 at 14, N=8     1.22 / 1.23
+    128 at 28, N=8    1.02 / 0.90         512 at 7, N=8      1.58 / 1.59
+    32 at 56, N=32    0.69 / 0.57         64 at 8, N=32      1.14 / 1.03
+    16 at 32, N=32    0.50 / 0.37         1x1 layers         1.00-1.02 / 0.89-1.09 (the same GEMM)
+    32 at 16, N=32    0.74 / 0.67
+
+So "auto" takes it (:func:`auto_prefers_implicit`) for kernels larger than 1x1 with at least 16
+channels in and out per group, where the padded grid has at most 15% more rows than the output,
+or at most 30% more with at most 64 channels (where im2col's copy weighs most).  Winograd's rule
+(one BLAS thread) is asked first.  These are one-thread measurements on a busy machine; two-thread
+timings there were too noisy to decide by, so ``benchmark=True`` (below) is the way to check a
+machine, and the benchmark's per-layer rows show each algorithm's time.
 
 The "auto" rule.  Winograd F(2,3) does 2.25x fewer multiplications, but its transforms are
 elementwise passes over memory whose cost grows with C + O while the GEMM work saved grows with
@@ -58,29 +82,35 @@ Winograd is measured there.  The rule does not depend on timing, so a run is rep
 may move (the 16 smaller GEMMs thread less well than im2col's one large GEMM): measure with the
 benchmark mode below.
 
-Measuring instead.  ``set_conv_algorithm("auto", benchmark=True)`` times both algorithms,
-forward and backward, the first time each layer shape is seen (as ``torch.backends.cudnn.benchmark``
-does) and keeps the faster for that shape; machines differ (vector width, cores, BLAS), and
-this lets each decide.  The first step of a run then costs two extra passes per new shape, and
-the choice can differ between runs on a noisy machine.
+Measuring instead.  ``set_conv_algorithm("auto", benchmark=True)`` times every algorithm that can
+compute the layer, forward and backward, the first time each layer shape is seen (as
+``torch.backends.cudnn.benchmark`` does) and keeps the fastest for that shape; machines differ
+(vector width, cores, BLAS), and this lets each decide.  :func:`measured_choices` returns what it
+chose and the times it measured.  The first step of a run then costs extra passes per new shape,
+and the choice can differ between runs on a noisy machine.
 """
 from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 
 import numpy as np
 
 from ..backend import backend_of, synchronize, xp_of
 from ..blas import current_blas_threads
 from . import conv as im2col_conv
+from .implicit_gemm import ImplicitCache, implicit_available, implicit_conv2d_backward, implicit_conv2d_forward, \
+    implicit_pads
 from .winograd import WinogradCache, transforms_for, winograd_applies, winograd_conv2d_backward, \
     winograd_conv2d_forward
 
-ALGORITHMS = ("im2col", "winograd", "auto")
+ALGORITHMS = ("im2col", "winograd", "implicit", "auto")
 
 _setting = {"algorithm": "auto", "winograd_tile": 2, "benchmark": False}
-_measured: dict = {}           # layer shape -> the algorithm that measured faster ("auto", benchmark=True)
+_measured: dict = {}           # layer shape -> the algorithm that measured fastest ("auto", benchmark=True)
+_timings: dict = {}            # layer shape -> {algorithm: seconds} behind that choice
+_warned = set()
 
 
 def set_conv_algorithm(algorithm: str, *, winograd_tile: int | None = None, benchmark: bool | None = None) -> None:
@@ -97,13 +127,27 @@ def set_conv_algorithm(algorithm: str, *, winograd_tile: int | None = None, benc
         transforms_for(winograd_tile)                  # a clear error for a tile size we lack
         if int(winograd_tile) != _setting["winograd_tile"]:
             _measured.clear()
+            _timings.clear()
         _setting["winograd_tile"] = int(winograd_tile)
     if benchmark is not None:
         if not isinstance(benchmark, bool):
             raise TypeError(f"benchmark must be True or False, got {benchmark!r}")
         _measured.clear()
+        _timings.clear()
         _setting["benchmark"] = benchmark
     _setting["algorithm"] = algorithm
+
+
+def measured_choices() -> list:
+    """What ``benchmark=True`` measured so far: ``[{"input", "weight", "stride", "padding", "dilation",
+    "groups", "choice", "seconds": {algorithm: forward + backward seconds}}]``, one per layer shape."""
+    rows = []
+    for key, choice in _measured.items():
+        _, x_shape, weight_shape, stride, pads, dilation, groups, _ = key
+        rows.append({"input": list(x_shape), "weight": list(weight_shape), "stride": list(stride),
+                     "padding": [list(p) for p in pads], "dilation": list(dilation), "groups": groups,
+                     "choice": choice, "seconds": dict(_timings.get(key, {}))})
+    return rows
 
 
 def get_conv_algorithm() -> str:
@@ -146,24 +190,75 @@ def _winograd_pads(x_shape, weight_shape, stride, padding, dilation, groups, pad
     return pads if winograd_applies(x_shape, weight_shape, stride, pads, dilation, groups) else None
 
 
+def _implicit_usable(x_shape, weight_shape, stride, padding, dilation, groups, xp, padding_mode):
+    """The implicit path's zero padding when it can compute this layer here (NumPy, stride 1, a CBLAS
+    GEMM found), else None; the first time the CBLAS GEMM is missing, one warning says so."""
+    if xp is not np:
+        return None
+    pads = implicit_pads(x_shape, weight_shape, stride, padding, dilation, groups, padding_mode)
+    if pads is not None and not implicit_available():
+        if "cblas" not in _warned:
+            _warned.add("cblas")
+            warnings.warn("numres: NumPy's BLAS exports no cblas_sgemm/cblas_dgemm that numres can find, so "
+                          "implicit-GEMM convolution is unavailable; those layers use im2col", RuntimeWarning,
+                          stacklevel=3)
+        return None
+    return pads
+
+
+def _candidates(x_shape, weight_shape, stride, padding, dilation, groups, xp, padding_mode):
+    """``{algorithm: padding}`` of every algorithm that can compute this layer (im2col always can)."""
+    found = {"im2col": padding}
+    wpads = _winograd_pads(x_shape, weight_shape, stride, padding, dilation, groups, padding_mode)
+    if wpads is not None:
+        found["winograd"] = wpads
+    ipads = _implicit_usable(x_shape, weight_shape, stride, padding, dilation, groups, xp, padding_mode)
+    if ipads is not None:
+        found["implicit"] = ipads
+    return found
+
+
 def choose_conv_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, xp=np,
                           padding_mode="zeros") -> str:
-    """``"winograd"`` or ``"im2col"``: what the current setting computes this convolution with."""
+    """``"im2col"``, ``"winograd"`` or ``"implicit"``: what the current setting computes this convolution with."""
     setting = get_conv_algorithm()
     if setting == "im2col":
         return "im2col"
-    pads = _winograd_pads(x_shape, weight_shape, stride, padding, dilation, groups, padding_mode)
-    if pads is None:
-        return "im2col"
     if setting == "winograd":
-        return "winograd"
-    key = _shape_key(x_shape, weight_shape, pads, xp)
+        pads = _winograd_pads(x_shape, weight_shape, stride, padding, dilation, groups, padding_mode)
+        return "im2col" if pads is None else "winograd"
+    if setting == "implicit":
+        usable = _implicit_usable(x_shape, weight_shape, stride, padding, dilation, groups, xp, padding_mode)
+        return "im2col" if usable is None else "implicit"
+    candidates = _candidates(x_shape, weight_shape, stride, padding, dilation, groups, xp, padding_mode)
+    if len(candidates) == 1:
+        return "im2col"
+    key = _shape_key(x_shape, weight_shape, stride, padding, dilation, groups, xp)
     if _setting["benchmark"] and key in _measured:
         return _measured[key]
-    out_hw = (x_shape[2] + 2 * pads[0] - 2, x_shape[3] + 2 * pads[1] - 2)
-    winograd = xp is np and current_blas_threads() == 1 and \
-        auto_prefers_winograd(x_shape[0], weight_shape[1], weight_shape[0], out_hw, get_winograd_tile())
-    return "winograd" if winograd else "im2col"
+    if "winograd" in candidates:
+        pads = candidates["winograd"]
+        out_hw = (x_shape[2] + 2 * pads[0] - 2, x_shape[3] + 2 * pads[1] - 2)
+        if xp is np and current_blas_threads() == 1 and \
+                auto_prefers_winograd(x_shape[0], weight_shape[1], weight_shape[0], out_hw, get_winograd_tile()):
+            return "winograd"
+    if "implicit" in candidates and auto_prefers_implicit(x_shape, weight_shape, candidates["implicit"], dilation,
+                                                          groups):
+        return "implicit"
+    return "im2col"
+
+
+def auto_prefers_implicit(x_shape, weight_shape, pads, dilation=1, groups=1):
+    """The measured rule of "auto" for implicit GEMM (see the module's notes), on a stride-1 layer
+    with zero padding ``((top, bottom), (left, right))``."""
+    dh, dw = im2col_conv.pair(dilation, "dilation", 1)
+    out_channels, cg, kh, kw = weight_shape
+    if kh * kw == 1 or min(cg, out_channels // groups) < 16:
+        return False
+    (top, bottom), (left, right) = pads
+    hp, wp = x_shape[2] + top + bottom, x_shape[3] + left + right
+    extra = hp * wp / ((hp - dh * (kh - 1)) * (wp - dw * (kw - 1)))
+    return extra <= 1.15 or (extra <= 1.30 and max(x_shape[1], out_channels) <= 64)
 
 
 def auto_prefers_winograd(n, in_channels, out_channels, out_hw, tile=2):
@@ -174,20 +269,35 @@ def auto_prefers_winograd(n, in_channels, out_channels, out_hw, tile=2):
             and pixels * in_channels * out_channels >= 1 << 23)
 
 
-def _shape_key(x_shape, weight_shape, pads, xp):
-    return (id(xp), tuple(x_shape), tuple(weight_shape), pads, _setting["winograd_tile"])
+def _shape_key(x_shape, weight_shape, stride, padding, dilation, groups, xp):
+    try:
+        pads = im2col_conv.conv_padding(padding, tuple(weight_shape[2:]), im2col_conv.pair(stride, "stride", 1),
+                                        im2col_conv.pair(dilation, "dilation", 1))
+    except (TypeError, ValueError):
+        pads = padding
+    return (id(xp), tuple(x_shape), tuple(weight_shape), im2col_conv.pair(stride, "stride", 1), pads,
+            im2col_conv.pair(dilation, "dilation", 1), groups, _setting["winograd_tile"])
 
 
-def measure_conv_algorithms(x, weight, bias, padding, ops=None, repeats=1):
-    """Seconds for forward + backward of each algorithm on this input (after one warm-up run each)."""
+def measure_conv_algorithms(x, weight, bias, padding, ops=None, repeats=1, *, stride=1, dilation=1, groups=1,
+                            algorithms=None):
+    """Seconds for forward + backward of each algorithm on this input (after one warm-up run each).
+
+    ``algorithms`` maps each algorithm to time to the padding it takes (by default im2col and
+    Winograd, both with ``padding``).
+    """
     backend = backend_of(x)
     forward = im2col_conv.conv2d_forward if ops is None else ops.conv2d_forward
     backward = im2col_conv.conv2d_backward if ops is None else ops.conv2d_backward
-    runs = {
-        "im2col": lambda: backward(*forward(x, weight, bias, 1, padding)),
-        "winograd": lambda: winograd_conv2d_backward(
-            *winograd_conv2d_forward(x, weight, bias, 1, padding, tile=get_winograd_tile())),
+    algorithms = algorithms or {"im2col": padding, "winograd": padding}
+    makers = {
+        "im2col": lambda pads: lambda: backward(*forward(x, weight, bias, stride, pads, dilation, groups)),
+        "winograd": lambda pads: lambda: winograd_conv2d_backward(
+            *winograd_conv2d_forward(x, weight, bias, 1, pads, tile=get_winograd_tile())),
+        "implicit": lambda pads: lambda: implicit_conv2d_backward(
+            *implicit_conv2d_forward(x, weight, bias, stride, pads, dilation, groups)),
     }
+    runs = {name: makers[name](pads) for name, pads in algorithms.items()}
     seconds = {}
     for name, run in runs.items():
         run()
@@ -206,22 +316,27 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
 
     ``ops`` is the op namespace of the caller's backend (:func:`numres.functional.ops_for`), so a
     registered kernel (CUDA) computes the im2col path; by default the generic op does.
-    ``relu=True`` returns ``max(y, 0)`` (Winograd applies it in its output pass).  Under
+    ``relu=True`` returns ``max(y, 0)`` (Winograd and implicit GEMM apply it in their output pass).  Under
     ``set_conv_algorithm("auto", benchmark=True)`` the first forward of a new layer shape times
-    both algorithms first (:func:`measure_conv_algorithms`).
+    every algorithm that can compute it first (:func:`measure_conv_algorithms`).
     """
     padding_mode = options.get("padding_mode", "zeros")
     xp = xp_of(x)
     if _setting["algorithm"] == "auto" and _setting["benchmark"]:
-        pads = _winograd_pads(x.shape, weight.shape, stride, padding, dilation, groups, padding_mode)
-        key = None if pads is None else _shape_key(x.shape, weight.shape, pads, xp)
-        if key is not None and key not in _measured:
-            seconds = measure_conv_algorithms(x, weight, bias, pads, ops)
-            _measured[key] = min(seconds, key=seconds.get)
-    if choose_conv_algorithm(x.shape, weight.shape, stride, padding, dilation, groups, xp,
-                             padding_mode) == "winograd":
+        key = _shape_key(x.shape, weight.shape, stride, padding, dilation, groups, xp)
+        if key not in _measured:
+            candidates = _candidates(x.shape, weight.shape, stride, padding, dilation, groups, xp, padding_mode)
+            if len(candidates) > 1:
+                seconds = measure_conv_algorithms(x, weight, bias, padding, ops, stride=stride, dilation=dilation,
+                                                  groups=groups, algorithms=candidates)
+                _measured[key] = min(seconds, key=seconds.get)
+                _timings[key] = seconds
+    algorithm = choose_conv_algorithm(x.shape, weight.shape, stride, padding, dilation, groups, xp, padding_mode)
+    if algorithm == "winograd":
         return winograd_conv2d_forward(x, weight, bias, stride, winograd_padding(padding), dilation, groups,
                                        tile=get_winograd_tile(), relu=relu)
+    if algorithm == "implicit":
+        return implicit_conv2d_forward(x, weight, bias, stride, padding, dilation, groups, relu=relu)
     forward = im2col_conv.conv2d_forward if ops is None else ops.conv2d_forward
     y, cache = forward(x, weight, bias, stride, padding, dilation, groups, **options)
     if relu:
@@ -230,14 +345,18 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
 
 
 def algorithm_of(cache) -> str:
-    """``"winograd"`` or ``"im2col"``: the algorithm whose forward made ``cache`` (a Conv2d's
+    """``"winograd"``, ``"implicit"`` or ``"im2col"``: the algorithm whose forward made ``cache`` (a Conv2d's
     ``saved_cache()`` after a forward pass, say; a benchmark names each layer's algorithm so)."""
-    return "winograd" if isinstance(cache, WinogradCache) else "im2col"
+    if isinstance(cache, WinogradCache):
+        return "winograd"
+    return "implicit" if isinstance(cache, ImplicitCache) else "im2col"
 
 
 def conv2d_backward(dy, cache, need_input_grad=True, *, ops=None, **options):
     """Gradients ``(dx, dweight, dbias)`` by the algorithm that computed the forward pass."""
     if isinstance(cache, WinogradCache):
         return winograd_conv2d_backward(dy, cache, need_input_grad, **options)
+    if isinstance(cache, ImplicitCache):
+        return implicit_conv2d_backward(dy, cache, need_input_grad, **options)
     backward = im2col_conv.conv2d_backward if ops is None else ops.conv2d_backward
     return backward(dy, cache, need_input_grad, **options)

@@ -47,8 +47,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..blas import cblas_gemm
-from ..parallel import map_tiles
+from ..blas import cblas_gemm, current_blas_threads, local_blas_threads, local_blas_threads_available
+from ..parallel import get_num_threads, map_tiles, run_parts
 from .conv import conv_padding, pair
 
 VARIANTS = ("taps", "rows")
@@ -75,12 +75,17 @@ def implicit_available(dtype=np.float32) -> bool:
 
 def implicit_pads(x_shape, weight_shape, stride, padding, dilation, groups, padding_mode="zeros"):
     """The ``((top, bottom), (left, right))`` zero padding when the implicit path can compute this
-    convolution (stride 1, zero padding, a non-empty 4-D batch), else None."""
+    convolution (stride 1, zero padding, a non-empty 4-D batch), else None.  ``padding`` is anything
+    conv2d takes (an int, a pair, "same", "valid") or already ``((top, bottom), (left, right))``."""
     try:
         stride, dilation = pair(stride, "stride", 1), pair(dilation, "dilation", 1)
         if padding_mode != "zeros" or stride != (1, 1) or len(x_shape) != 4 or x_shape[0] == 0:
             return None
-        pads = conv_padding(padding, tuple(weight_shape[2:]), stride, dilation)
+        if isinstance(padding, (tuple, list)) and len(padding) == 2 and all(
+                isinstance(side, (tuple, list)) for side in padding):
+            pads = tuple(pair(side, "padding") for side in padding)     # already ((top, bottom), (left, right))
+        else:
+            pads = conv_padding(padding, tuple(weight_shape[2:]), stride, dilation)
     except (TypeError, ValueError):
         return None                                    # the im2col path names the problem
     (top, bottom), (left, right) = pads
@@ -101,6 +106,38 @@ def _gemm(dtype):
 
 
 _ROW, _N, _T = 101, 111, 112
+BLOCK_ELEMENTS = 1 << 17       # output elements per block of rows (512 KiB of float32): stays in L2 over the taps
+
+
+def gemm_workers() -> int:
+    """How many of numres's threads split the slab GEMMs' rows, each running single-threaded GEMMs
+    (0: none; one multi-threaded GEMM per tap instead).
+
+    As many as NumPy's BLAS has threads (:func:`numres.blas.current_blas_threads`), capped by
+    numres's own thread count, where the BLAS lets one thread set its own count
+    (``openblas_set_num_threads_local``).  So ``blas_threads(1)`` gives one thread either way.
+    """
+    blas = current_blas_threads()
+    if blas is None or not local_blas_threads_available():
+        return 0
+    return max(1, min(blas, get_num_threads()))
+
+
+def split_rows(total, function, block_rows):
+    """Run ``function(lo, hi, block)`` on ranges covering ``[0, total)``: one range per GEMM worker,
+    each doing its rows ``block`` at a time on single-threaded GEMMs; or, without workers, one call
+    ``function(0, total, total)`` whose GEMMs BLAS threads itself."""
+    workers = gemm_workers()
+    if workers == 0:
+        function(0, total, max(1, total))
+        return
+    bounds = sorted({total * part // workers for part in range(workers + 1)})     # no empty ranges
+
+    def part(index):
+        with local_blas_threads(1):
+            function(bounds[index], bounds[index + 1], block_rows)
+
+    run_parts(part, len(bounds) - 1)
 
 
 # --- the padded grid ---------------------------------------------------------------------------------
@@ -245,13 +282,18 @@ def implicit_conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=
     if variant == "taps":
         m = (n - 1) * per_image + (oh - 1) * wp + ow
         g_ptr = grid.ctypes.data
-        for tap in range(kh * kw):
-            i, j = divmod(tap, kw)
-            offset = i * dh * wp + j * dw
-            for g in range(groups):
-                gemm(_ROW, _N, _N, m, og, cg, 1.0, g_ptr + (offset * c + g * cg) * size, c,
-                     w_ptr + ((tap * cg) * out_channels + g * og) * size, out_channels,
-                     0.0 if tap == 0 else 1.0, o_ptr + g * og * size, out_channels)
+        offsets = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+
+        def rows(lo, hi, block):
+            for a in range(lo, hi, block):
+                count = min(block, hi - a)
+                for tap, offset in enumerate(offsets):
+                    for g in range(groups):
+                        gemm(_ROW, _N, _N, count, og, cg, 1.0, g_ptr + ((a + offset) * c + g * cg) * size, c,
+                             w_ptr + (tap * cg * out_channels + g * og) * size, out_channels,
+                             0.0 if tap == 0 else 1.0, o_ptr + (a * out_channels + g * og) * size, out_channels)
+
+        split_rows(m, rows, max(64, BLOCK_ELEMENTS // out_channels))
     else:
         rows_of = grid.reshape(n * per_image, c)
         for images in _chunks(n, per_image * kw * c):
@@ -304,13 +346,26 @@ def implicit_conv2d_backward(dy, cache: ImplicitCache, need_input_grad=True, *, 
         if variant == "taps":
             m = (n - 1) * per_image + (oh - 1) * wp + ow
             g_ptr = grid.ctypes.data
-            for tap in range(kh * kw):
-                i, j = divmod(tap, kw)
-                offset = i * dh * wp + j * dw
-                for g in range(groups):
-                    gemm(_ROW, _T, _N, cg, og, m, 1.0, g_ptr + (offset * c + g * cg) * size, c,
-                         d_ptr + g * og * size, out_channels, 0.0,
-                         dw_ptr + (tap * cg * out_channels + g * og) * size, out_channels)
+            offsets = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+            partials = {}
+
+            def pixels(lo, hi, block):
+                # This range's share of every dW_ij = P[off + lo : off + hi]^T @ dYp[lo:hi] (K split over threads).
+                target = dstored if lo == 0 else np.empty_like(dstored)
+                if lo > 0:
+                    partials[lo] = target
+                t_ptr = target.ctypes.data
+                for a in range(lo, hi, block):
+                    count = min(block, hi - a)
+                    for tap, offset in enumerate(offsets):
+                        for g in range(groups):
+                            gemm(_ROW, _T, _N, cg, og, count, 1.0, g_ptr + ((a + offset) * c + g * cg) * size, c,
+                                 d_ptr + (a * out_channels + g * og) * size, out_channels, 0.0 if a == lo else 1.0,
+                                 t_ptr + (tap * cg * out_channels + g * og) * size, out_channels)
+
+            split_rows(m, pixels, m)
+            for lo in sorted(partials):                 # a fixed order: the sum does not depend on timing
+                dstored += partials[lo]
         else:
             rows_of = grid.reshape(n * per_image, c)
             k = kw * cg
@@ -334,15 +389,28 @@ def implicit_conv2d_backward(dy, cache: ImplicitCache, need_input_grad=True, *, 
         if variant == "taps":
             m = (n - 1) * per_image + (oh - 1) * wp + ow
             w_ptr = stored.ctypes.data
-            # Tap (0, 0) writes rows [0, m) with beta = 0; the rows past m are cleared first.
-            dgrid_x.reshape(rows, c)[m:] = 0
-            for tap in range(kh * kw):
-                i, j = divmod(tap, kw)
-                offset = i * dh * wp + j * dw
-                for g in range(groups):
-                    gemm(_ROW, _N, _T, m, cg, og, 1.0, d_ptr + g * og * size, out_channels,
-                         w_ptr + (tap * cg * out_channels + g * og) * size, out_channels,
-                         0.0 if tap == 0 else 1.0, x_ptr + (offset * c + g * cg) * size, c)
+            offsets = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+            flat = dgrid_x.reshape(rows, c)
+
+            def input_rows(lo, hi, block):
+                # dP[a:b] = sum over taps of dYp[a - off : b - off] @ W_ij^T, the dYp rows clipped to [0, m).
+                for a in range(lo, hi, block):
+                    b = min(a + block, hi)
+                    beta = 0.0
+                    if b > m:                                  # tap (0, 0) does not cover the block: clear it
+                        flat[a:b] = 0
+                        beta = 1.0
+                    for tap, offset in enumerate(offsets):
+                        s0, s1 = max(a - offset, 0), min(b - offset, m)
+                        if s1 <= s0:
+                            continue
+                        for g in range(groups):
+                            gemm(_ROW, _N, _T, s1 - s0, cg, og, 1.0, d_ptr + (s0 * out_channels + g * og) * size,
+                                 out_channels, w_ptr + (tap * cg * out_channels + g * og) * size, out_channels,
+                                 beta, x_ptr + ((s0 + offset) * c + g * cg) * size, c)
+                        beta = 1.0
+
+            split_rows(rows, input_rows, max(64, BLOCK_ELEMENTS // c))
         else:
             # dP[r] = sum_i Qd[r - i*dh*Wp] @ Wt_i, Qd[r] = (dYp[r], dYp[r-dw], ...), Wt_i[(j, o), c] = W[i, j, c, o].
             turned = np.ascontiguousarray(
