@@ -3,7 +3,6 @@ TensorDataset, unbatched whole models and pooling's ``stride=()``; each against 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 import numres as nr
 import torch_reference as R
-from conftest import from_torch, rel_err
+from conftest import rel_err
 from numres.nn import Parameter
 from numres.nn import init as I
 
@@ -352,6 +351,8 @@ def test_tensor_dataset_matches_torch():
 def _unbatched_parity(model, reference, x, upstream, exact_model):
     """numres on one (C, H, W) image against torch on the batch of one; and against numres's own batch of
     one (equal bit for bit; in training mode the output does not depend on the running statistics)."""
+    model.zero_grad()
+    reference.zero_grad()
     logits = model(x)
     dx = model.backward(upstream)
     grads = {k: p.grad.copy() for k, p in model.named_parameters()}
