@@ -65,11 +65,14 @@ from .models.identify import check_weights_fit
 from .nn import BatchNorm2d, CrossEntropyLoss, no_grad
 from .nn.parallel import DistributedDataParallel
 from .optim import SGD, Adam, AdamW
-from .optim.lr_scheduler import CosineAnnealingLR, MultiStepLR, linear_warmup
+from .optim.lr_scheduler import (CosineAnnealingLR, ExponentialLR, MultiStepLR, OneCycleLR, ReduceLROnPlateau, StepLR,
+                                 linear_warmup)
 
 CHECKPOINT_NAME = "checkpoint.npz"
 CHECKPOINT_FORMAT = "numres-train"
-SCHEDULES = ("multistep", "cosine")
+SCHEDULES = ("cosine", "multistep", "step", "exponential", "onecycle", "plateau")
+PER_BATCH_SCHEDULES = ("onecycle",)         # stepped after every optimizer step; the others once per epoch
+DEFAULT_GAMMA = {"exponential": 0.9}        # else 0.1 (multistep, step, plateau's factor)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
@@ -101,7 +104,9 @@ class TrainConfig:
     lr: float | None = None                 # default: 0.1 for SGD, 0.001 for Adam and AdamW
     schedule: str = "cosine"
     milestones: list | None = None          # multistep: default at 50% and 75% of the epochs (the paper's)
-    gamma: float = 0.1
+    gamma: float | None = None              # multistep/step/plateau: 0.1; exponential: 0.9 (per epoch)
+    step_size: int | None = None            # step: epochs between cuts (default: a third of the epochs)
+    patience: int = 10                      # plateau: epochs without a lower test loss before a cut
     warmup_epochs: int = 0
     warmup_start_factor: float = 0.1
     momentum: float = 0.9                   # SGD only
@@ -133,6 +138,19 @@ class TrainConfig:
             self.lr = DEFAULT_LR[self.optimizer]
         if self.schedule not in SCHEDULES:
             raise ConfigError("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.gamma is None:
+            self.gamma = DEFAULT_GAMMA.get(self.schedule, 0.1)
+        if self.step_size is None:
+            self.step_size = max(1, self.epochs // 3)
+        if self.step_size < 1:
+            raise ConfigError("step_size", f"must be at least 1, got {self.step_size}")
+        if self.patience < 0:
+            raise ConfigError("patience", f"must be at least 0, got {self.patience}")
+        if self.schedule in ("onecycle", "plateau") and self.warmup_epochs:
+            raise ConfigError("warmup_epochs", f"does not combine with the {self.schedule} schedule"
+                                               + (" (it warms up itself)" if self.schedule == "onecycle" else ""))
+        if self.schedule == "plateau" and self.gamma >= 1:
+            raise ConfigError("gamma", f"is plateau's factor and must be below 1, got {self.gamma}")
         for name in ("epochs", "batch_size", "eval_batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
@@ -238,11 +256,24 @@ def build_optimizer(parameters, config: TrainConfig):
     return optimizer_class(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def build_schedule(optimizer, config: TrainConfig):
-    """The configured schedule, stepped once per epoch; a warm-up counts towards the epochs."""
+def build_schedule(optimizer, config: TrainConfig, steps_per_epoch: int = 1):
+    """The configured schedule; a warm-up counts towards the epochs.
+
+    ``onecycle`` (torch's OneCycleLR, peak ``lr``) is stepped after every batch, ``plateau`` (torch's
+    ReduceLROnPlateau on the test loss) with the epoch's test loss, the others once per epoch."""
     remaining = config.epochs - config.warmup_epochs
+    if config.schedule == "onecycle":
+        return OneCycleLR(optimizer, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+                          cycle_momentum="momentum" in optimizer.defaults and config.momentum > 0
+                          or "betas" in optimizer.defaults)
+    if config.schedule == "plateau":
+        return ReduceLROnPlateau(optimizer, factor=config.gamma, patience=config.patience)
     if config.schedule == "cosine":
         main = CosineAnnealingLR(optimizer, T_max=remaining)
+    elif config.schedule == "step":
+        main = StepLR(optimizer, config.step_size, gamma=config.gamma)
+    elif config.schedule == "exponential":
+        main = ExponentialLR(optimizer, gamma=config.gamma)
     else:
         milestones = [m - config.warmup_epochs for m in config.milestones]
         main = MultiStepLR(optimizer, milestones, gamma=config.gamma)
@@ -363,7 +394,7 @@ class Trainer:
         self.criterion = CrossEntropyLoss(label_smoothing=config.label_smoothing, backend=config.backend,
                                           dtype=config.dtype)
         self.optimizer = build_optimizer(self.model.parameters(), config)
-        self.scheduler = build_schedule(self.optimizer, config)
+        self.scheduler = build_schedule(self.optimizer, config, len(self.train_loader))
         self._skip_input_grad = "need_input_grad" in inspect.signature(self.model.backward).parameters
         # one process: the model itself; many: its DDP wrapper (checkpoints keep the model's own names)
         self.parallel_model = DistributedDataParallel(self.model) if self.world_size > 1 else self.model
@@ -389,7 +420,8 @@ class Trainer:
         """``--weights``: load them (all but an fc of another size); ``--freeze-backbone``: train only the fc."""
         if config.weights and not self._resuming:
             fresh = load_backbone(self.model, config.weights, config.model, self.classes)
-            self.start_note = (f"starting from {config.weights}: "
+            shown = os.path.relpath(config.weights)
+            self.start_note = (f"starting from {config.weights if shown.startswith('..') else shown}: "
                                + (f"every layer but a new fc for {len(self.classes)} classes" if fresh else
                                   "every layer, the fc included"))
         if config.freeze_backbone:
@@ -445,11 +477,12 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         saved = state["config"]
-        if saved["epochs"] == self.config.epochs and saved["warmup_epochs"] == self.config.warmup_epochs:
+        if (saved["epochs"] == self.config.epochs and saved["warmup_epochs"] == self.config.warmup_epochs) \
+                or self.config.schedule == "plateau":       # plateau's state does not depend on the epochs
             self.scheduler.load_state_dict(state["scheduler"])
         else:                       # a longer (or shorter) run: recompute the schedule at the saved position
             before = self.optimizer.param_groups[0]["lr"]
-            self.scheduler = build_schedule(self.optimizer, self.config)
+            self.scheduler = build_schedule(self.optimizer, self.config, len(self.train_loader))
             for _ in range(int(state["scheduler"]["last_epoch"])):
                 self.scheduler.step()
             after = self.optimizer.param_groups[0]["lr"]
@@ -585,6 +618,9 @@ class Trainer:
             raise NonFiniteLossError(describe_nonfinite("non-finite loss", loss_value, where, found))
         self.optimizer.step()
         self.optimizer.zero_grad()
+        if self.config.schedule in PER_BATCH_SCHEDULES:
+            self._step_lr = self.optimizer.param_groups[0]["lr"]      # the lr this step used, for the metrics
+            self.scheduler.step()
         return loss_value, correct
 
     def forward_backward(self, x, y):
@@ -629,7 +665,9 @@ class Trainer:
         raise NonFiniteLossError(describe_nonfinite("non-finite test loss", loss_value, where, found))
 
     def _end_epoch(self):
-        lr = self.optimizer.param_groups[0]["lr"]
+        # the lr the epoch used (per-batch schedules: that of its last step)
+        lr = getattr(self, "_step_lr", None) if self.config.schedule in PER_BATCH_SCHEDULES else None
+        lr = self.optimizer.param_groups[0]["lr"] if lr is None else lr
         result = self.evaluate()
         if not math.isfinite(result["loss"]):
             self._diagnose_evaluation(result["loss"])
@@ -642,7 +680,10 @@ class Trainer:
         self.epoch += 1
         self.step_in_epoch = 0
         self.totals = _EpochTotals()
-        self.scheduler.step()
+        if self.config.schedule == "plateau":
+            self.scheduler.step(result["loss"])
+        elif self.config.schedule not in PER_BATCH_SCHEDULES:
+            self.scheduler.step()
         self.save_checkpoint()
         if self.is_main:
             write_metrics(self.history, self.out_dir)

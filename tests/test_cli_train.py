@@ -125,3 +125,58 @@ def test_evaluate_help(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["evaluate", "--help"])
     assert exited.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("schedule", ["step", "exponential", "onecycle", "plateau"])
+def test_torch_schedules_from_the_command_line(schedule, tmp_path):
+    """--schedule step|exponential|onecycle|plateau: the lrs of the run are torch.optim.lr_scheduler's
+    (onecycle is stepped after every batch; its metric is the lr of the epoch's last step)."""
+    import torch
+    extra = {"step": ["--step-size", "2", "--gamma", "0.5"], "exponential": [], "onecycle": [],
+             "plateau": ["--patience", "0", "--gamma", "0.5"]}[schedule]
+    assert train(tmp_path, "--epochs", "4", "--schedule", schedule, *extra) == 0
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+    steps = 1
+    if schedule == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    elif schedule == "exponential":
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9)     # --gamma's default for it
+    elif schedule == "onecycle":
+        steps = 2                           # 32 images in batches of 16
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, epochs=4, steps_per_epoch=steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+    expected = []
+    for record in history:
+        for _ in range(steps):
+            used = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            if schedule == "onecycle":
+                scheduler.step()
+        expected.append(used)
+        if schedule == "plateau":
+            scheduler.step(record["test_loss"])
+        elif schedule != "onecycle":
+            scheduler.step()
+    lrs = [r["lr"] for r in history]
+    assert np.allclose(lrs, expected, rtol=1e-12, atol=0), (lrs, expected)
+    if schedule == "plateau":
+        assert len(set(lrs)) > 1 or all(b["test_loss"] < a["test_loss"] for a, b in zip(history, history[1:]))
+
+
+def test_onecycle_interrupted_and_resumed_matches_a_straight_run(tmp_path):
+    """A per-batch schedule stopped mid-epoch and resumed ends bit-identical to an uninterrupted run."""
+    from numres.training import Trainer, TrainConfig
+    options = ["--schedule", "onecycle", "--seed", "2", "--epochs", "3"]
+    assert train(tmp_path / "straight", *options) == 0
+    config = TrainConfig(subset=32, batch_size=16, eval_batch_size=32, schedule="onecycle", seed=2, epochs=3)
+    trainer = Trainer(config, tmp_path / "resumed", progress=False)
+
+    def stop_after_three_steps(t):
+        if t.global_step == 3:
+            t._stop = True
+    assert trainer.fit(on_step=stop_after_three_steps) == "interrupted"
+    assert main(["train", "--resume", str(tmp_path / "resumed"), "--no-progress"]) == 0
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert all(np.array_equal(straight[key], resumed[key]) for key in straight)

@@ -82,5 +82,5 @@ def _silence_stdout():
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):       # stdout is not a real file (captured by a test)
+    except (OSError, ValueError, AttributeError):      # stdout is not a real file (captured by a test)
         pass

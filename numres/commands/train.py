@@ -59,10 +59,18 @@ def add_arguments(parser):
     opt.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default: {d.optimizer}")
     opt.add_argument("--lr", type=float, help="initial learning rate (default: "
                                               + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items()) + ")")
-    opt.add_argument("--schedule", choices=SCHEDULES, help=f"lr schedule, stepped per epoch (default: {d.schedule})")
+    opt.add_argument("--schedule", choices=SCHEDULES,
+                     help=f"lr schedule (torch.optim.lr_scheduler's): cosine (default), multistep (--milestones, "
+                          f"--gamma), step (--step-size, --gamma), exponential (lr x --gamma every epoch), onecycle "
+                          f"(stepped every batch, peak --lr, cycles SGD's momentum / Adam's beta1), plateau (lr x "
+                          f"--gamma after --patience epochs without a lower test loss)")
     opt.add_argument("--milestones", type=int, nargs="+",
                      help="multistep: epochs at which lr is multiplied by --gamma (default: 50%% and 75%% of epochs)")
-    opt.add_argument("--gamma", type=float, help=f"multistep factor (default: {d.gamma})")
+    opt.add_argument("--gamma", type=float, help="the factor of multistep, step and plateau (default: 0.1) and "
+                                                 "of exponential (default: 0.9)")
+    opt.add_argument("--step-size", type=int, help="step: epochs between cuts (default: a third of the epochs)")
+    opt.add_argument("--patience", type=int, help=f"plateau: epochs without improvement before a cut "
+                                                  f"(default: {d.patience})")
     opt.add_argument("--warmup-epochs", type=int, help="linear warm-up from lr/10 over this many epochs (default: 0)")
     opt.add_argument("--momentum", type=float, help=f"SGD's momentum (default: {d.momentum})")
     opt.add_argument("--weight-decay", type=float, help=f"L2 for sgd and adam, decoupled for adamw "
