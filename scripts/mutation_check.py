@@ -77,6 +77,8 @@ from dataclasses import asdict, dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE = 1.001
+KINDS = ("scale", "arith", "drop-term", "delete", "unary", "compare", "mask", "bool", "axis", "transpose", "slice",
+         "index", "constant")
 PYTEST_FLAGS = ["-x", "-q", "-p", "no:cacheprovider", "--no-header"]
 MUTANTS_TEST = "tests/test_backward_mutants.py"
 
@@ -85,23 +87,24 @@ MUTANTS_TEST = "tests/test_backward_mutants.py"
 # mutants' own test file joins once it is written.  Each -k is the narrowest that still holds every test
 # of that op in those files (checked by the baseline: a selection that collects nothing is an error).
 
-_CONV_FILES = ["tests/test_layers.py", "tests/test_finite_differences.py", "tests/test_conv_pool_samples.py"]
+_CONV_FILES = ["tests/test_layers.py", "tests/test_finite_differences.py", "tests/test_conv_pool_samples.py",
+               "tests/test_parallel.py"]
 _POOL_FILES = _CONV_FILES
 _WINOGRAD = (["tests/test_winograd.py"],
              "torch or finite or chunks or straddle or skipped or empty or channels_last or gradcheck or winograd")
 # function name -> selection; the function is looked up in every module of numres/functional.
 SELECTIONS = {
-    "relu_backward": (["tests/test_layers.py", "tests/test_finite_differences.py", "tests/test_bn_loss_samples.py"],
-                      "relu"),
+    "relu_backward": (["tests/test_layers.py", "tests/test_finite_differences.py", "tests/test_bn_loss_samples.py",
+                       "tests/test_parallel.py"], "relu or elementwise"),
     "batchnorm_backward": (["tests/test_layers.py", "tests/test_finite_differences.py",
-                            "tests/test_bn_loss_samples.py"], "batchnorm"),
-    "conv2d_backward": (_CONV_FILES, "conv or frozen or functional or empty"),
-    "col2im": (_CONV_FILES, "conv or frozen or functional or empty or col2im"),
+                            "tests/test_bn_loss_samples.py", "tests/test_parallel.py"], "batchnorm"),
+    "conv2d_backward": (_CONV_FILES, "conv or frozen or functional or empty or image_split"),
+    "col2im": (_CONV_FILES, "conv or frozen or functional or empty or image_split or col2im"),
     "pad2d_backward": (["tests/test_conv_pool_samples.py"], "pad or padding or conv"),
     "_fold_axis": (["tests/test_conv_pool_samples.py"], "pad or padding or conv"),
-    "maxpool2d_backward": (_POOL_FILES, "maxpool"),
+    "maxpool2d_backward": (_POOL_FILES, "maxpool or image_split"),
     "_maxpool2d_backward_by_indices": (_POOL_FILES, "maxpool or indices or unbatched"),
-    "_scatter_taps": (_POOL_FILES, "maxpool or avgpool or indices"),
+    "_scatter_taps": (_POOL_FILES, "maxpool or avgpool or indices or image_split"),
     "avgpool2d_backward": (_POOL_FILES, "avgpool and not adaptive"),
     "adaptive_avgpool2d_backward": (_POOL_FILES, "adaptive"),
     "maxunpool2d_backward": (["tests/test_conv_pool_samples.py"], "unpool"),
@@ -456,8 +459,16 @@ def _patch(mutant, root):
     function.__code__ = new
 
 
-def _child_run(mutant, pytest_args, root, timeout, result_path):
-    """In a forked child: apply the mutant (if any), run pytest, write the outcome, exit."""
+def _describe_failure(report):
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = crash.message if crash is not None else str(report.longrepr)[-300:]
+    return "assertion" if message.startswith(("AssertionError", "assert ")) \
+        else "exception: " + message.split("\n")[0][:160]
+
+
+def _child_items(mutant, items, root, timeout, result_path):
+    """In a forked child: apply the mutant (if any), run the collected ``items`` until one fails, write
+    the outcome, exit."""
     try:
         signal.alarm(max(1, int(timeout)))
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -465,11 +476,15 @@ def _child_run(mutant, pytest_args, root, timeout, result_path):
         os.dup2(devnull, 2)
         if mutant is not None:
             _patch(mutant, root)
-        import pytest
-        recorder = _Recorder()
-        rc = int(pytest.main(pytest_args, plugins=[recorder]))
-        outcome = {"rc": rc, "failed": recorder.failed, "how": recorder.how, "collected": recorder.collected}
-    except BaseException as error:          # the mutant broke the import or the patch
+        from _pytest.runner import runtestprotocol
+        outcome = {"rc": 0, "failed": None, "how": None, "collected": len(items)}
+        for i, item in enumerate(items):
+            reports = runtestprotocol(item, log=False, nextitem=items[i + 1] if i + 1 < len(items) else None)
+            failed = next((r for r in reports if r.failed), None)
+            if failed is not None:
+                outcome.update(rc=1, failed=item.nodeid, how=_describe_failure(failed))
+                break
+    except BaseException as error:          # noqa: BLE001  (the mutant broke the patch or the runner)
         outcome = {"rc": 3, "failed": "<setup>", "how": f"exception: {type(error).__name__}: {error}"[:200],
                    "collected": 0}
     with open(result_path, "w") as handle:
@@ -478,7 +493,8 @@ def _child_run(mutant, pytest_args, root, timeout, result_path):
 
 
 class _Runner:
-    """Forks children, at most ``jobs`` at a time."""
+    """Runs mutants: forked children over collected items (``fork``), or fresh pytest processes over
+    pytest arguments (``process``); at most ``jobs`` at a time."""
 
     def __init__(self, root, jobs, isolation):
         self.root, self.jobs, self.isolation = root, jobs, isolation
@@ -487,18 +503,22 @@ class _Runner:
         self.progress = False
 
     def run_many(self, tasks):
-        """``tasks``: list of (key, mutant or None, pytest args, timeout) -> {key: outcome}."""
+        """``tasks``: list of (key, mutant or None, items or pytest args, timeout) -> {key: outcome}."""
         if self.isolation == "process":
-            return {key: self._run_process(mutant, args, timeout) for key, mutant, args, timeout in tasks}
+            outcomes = {}
+            for key, mutant, args, timeout in tasks:
+                outcomes[key] = self._run_process(mutant, args, timeout)
+                self._report(key, outcomes[key], len(outcomes), len(tasks))
+            return outcomes
         pending, running, outcomes = list(tasks), {}, {}
         while pending or running:
             while pending and len(running) < self.jobs:
-                key, mutant, args, timeout = pending.pop(0)
+                key, mutant, items, timeout = pending.pop(0)
                 self.count += 1
                 path = os.path.join(self.scratch, f"{self.count}.json")
                 pid = os.fork()
                 if pid == 0:
-                    _child_run(mutant, args, self.root, timeout, path)
+                    _child_items(mutant, items, self.root, timeout, path)
                 running[pid] = (key, path, time.perf_counter())
             pid, status = os.wait()
             if pid not in running:
@@ -515,11 +535,13 @@ class _Runner:
                 outcome = {"rc": -2, "failed": "<crash>", "how": f"child died, status {status}", "collected": 0}
             outcome["seconds"] = round(seconds, 2)
             outcomes[key] = outcome
-            if self.progress:
-                verdict = "survived" if outcome["rc"] == 0 else f"killed ({outcome['how']})"[:90]
-                print(f"[{len(outcomes)}/{len(tasks)}] {key}: {verdict} in {seconds:.1f} s", file=sys.stderr,
-                      flush=True)
+            self._report(key, outcome, len(outcomes), len(tasks))
         return outcomes
+
+    def _report(self, key, outcome, done, total):
+        if self.progress:
+            verdict = "survived" if outcome["rc"] == 0 else f"killed ({outcome['how']})"[:90]
+            print(f"[{done}/{total}] {key}: {verdict} in {outcome['seconds']:.1f} s", file=sys.stderr, flush=True)
 
     def _run_process(self, mutant, args, timeout):
         path = os.path.join(self.root, mutant.file) if mutant is not None else None
@@ -565,7 +587,7 @@ def _pytest_args(root, selection, deselected):
 
 def _selection_for(mutant, table, root):
     files, expression = table[mutant.file][mutant.function]
-    files = list(files)
+    files = [f for f in files if os.path.exists(os.path.join(root, f))]
     if expression and os.path.exists(os.path.join(root, MUTANTS_TEST)) and MUTANTS_TEST not in files:
         files.append(MUTANTS_TEST)
         expression = f"({expression}) or {mutant.function.lstrip('_')}"
@@ -581,24 +603,32 @@ def _mutation_profile():
     settings.load_profile("mutation")
 
 
-def _preimport(root, test_files):
-    """Import the conftest and the test modules once, as pytest's default (prepend) import mode names
-    them, so that each forked child finds them in ``sys.modules`` instead of importing them again."""
-    import importlib
-    tests_dir = os.path.join(root, "tests")
-    if tests_dir not in sys.path:
-        sys.path.insert(0, tests_dir)
-    try:
-        importlib.import_module("conftest")
-    except Exception:                    # noqa: BLE001  (pytest will report it in each run)
-        return
-    _mutation_profile()
-    for path in test_files:
-        if os.path.exists(os.path.join(root, path)) and os.path.dirname(path) == "tests":
-            try:
-                importlib.import_module(os.path.basename(path)[:-3])
-            except Exception:            # noqa: BLE001
-                sys.modules.pop(os.path.basename(path)[:-3], None)
+class _Server:
+    """A pytest plugin for the worker: pytest collects every selected test file once, then, instead of
+    running the tests, :meth:`pytest_runtestloop` runs the mutants, each in a forked child over the
+    items its selection picks."""
+
+    def __init__(self, serve):
+        self.serve = serve
+        self.result = None
+
+    def pytest_plugin_registered(self, plugin):
+        if str(getattr(plugin, "__file__", "")).endswith("conftest.py"):
+            _mutation_profile()
+
+    def pytest_runtestloop(self, session):
+        self.result = self.serve(list(session.items))
+        return True
+
+
+def _pick(items, selection, deselected):
+    from _pytest.mark import KeywordMatcher
+    from _pytest.mark.expression import Expression
+    files, expression = selection
+    matcher = Expression.compile(expression) if expression else None
+    return [item for item in items
+            if item.nodeid.split("::")[0] in files and item.nodeid not in deselected
+            and (matcher is None or matcher.evaluate(KeywordMatcher.from_item(item)))]
 
 
 def worker(options):
@@ -606,23 +636,34 @@ def worker(options):
     import numres
     if not os.path.abspath(numres.__file__).startswith(root + os.sep):
         raise SystemExit(f"numres imports from {numres.__file__}, not from the copy {root}")
-    import numpy  # noqa: F401  (warm the imports the children share)
-    import pytest  # noqa: F401
-    import torch  # noqa: F401
-    for name in ("hypothesis",):
-        __import__(name)
-
+    import pytest
     mutants = select_mutants(options, root)
     table = {}
     for package_dir in options.package_dir:
         table.update(targets(package_dir, root))
-    if options.isolation == "fork":
-        _preimport(root, sorted({f for fns in table.values() for sel in fns.values() for f in sel[0]}
-                                | {MUTANTS_TEST}))
+    selections = {m.id: _selection_for(m, table, root) for m in mutants}
+    files = sorted({f for selection in selections.values() for f in selection[0]})
+
+    def serve(items):
+        return _serve(options, root, mutants, selections, table, items)
+
+    if options.isolation == "process":
+        return serve(None)
+    server = _Server(serve)
+    pytest.main(files + ["-q", "-p", "no:cacheprovider", "--no-header", "--rootdir", root,
+                         "--continue-on-collection-errors"], plugins=[server])
+    if server.result is None:
+        raise SystemExit("pytest did not reach the test loop (see its output above)")
+    return server.result
+
+
+def _serve(options, root, mutants, selections, table, items):
+    """Run every mutant (items: the collected tests, or None to start pytest per mutant)."""
     runner = _Runner(root, options.jobs, options.isolation)
     started = time.perf_counter()
     deselected: set[str] = set()
     confirmed: dict[str, bool] = {}     # killing test -> passes on the original code
+    by_id = {item.nodeid: item for item in items} if items is not None else {}
     results = {}
     carried = {}
     if options.rerun_survivors:
@@ -640,16 +681,24 @@ def worker(options):
         if m.equivalent:
             results[m.id] = {"status": "equivalent", "reason": m.equivalent}
     selection_errors = {}
+
+    def spec(selection):
+        if items is None:
+            return _pytest_args(root, selection, deselected)
+        return _pick(items, selection, deselected)
+
     while todo:
-        batch = [(m.id, m, _pytest_args(root, _selection_for(m, table, root), deselected), options.timeout)
-                 for m in todo]
+        batch = [(m.id, m, spec(selections[m.id]), options.timeout) for m in todo]
         runner.progress = options.progress
         outcomes = runner.run_many(batch)
         runner.progress = False
         retry = []
         for m in todo:
             outcome = outcomes[m.id]
-            if outcome["rc"] == 0:
+            if outcome["rc"] == 0 and outcome["collected"] == 0 and items is not None:
+                selection_errors[m.function] = "the selection holds no test"
+                results[m.id] = {"status": "error", **outcome}
+            elif outcome["rc"] == 0:
                 results[m.id] = {"status": "survived", **outcome}
             elif outcome["rc"] == 5:
                 selection_errors[m.function] = "the selection collects no test"
@@ -657,14 +706,16 @@ def worker(options):
             else:
                 results[m.id] = {"status": "killed", **outcome}
         # Confirm each killing test on the original code.
-        killers = {}
+        killers = []
         for m in todo:
             failed = results[m.id].get("failed")
-            if results[m.id]["status"] == "killed" and failed and "::" in failed and failed not in confirmed:
-                killers.setdefault(failed, m)
+            if results[m.id]["status"] == "killed" and failed and "::" in failed and failed not in confirmed \
+                    and failed not in killers:
+                killers.append(failed)
         if killers:
-            checks = runner.run_many([(nodeid, None, [nodeid] + PYTEST_FLAGS + ["--rootdir", root],
-                                       options.timeout) for nodeid in killers])
+            checks = runner.run_many([(nodeid, None, [by_id[nodeid]] if items is not None else
+                                       [nodeid] + PYTEST_FLAGS + ["--rootdir", root], options.timeout)
+                                      for nodeid in killers])
             for nodeid, outcome in checks.items():
                 confirmed[nodeid] = outcome["rc"] == 0
                 if not confirmed[nodeid]:
