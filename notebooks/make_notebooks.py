@@ -1005,7 +1005,23 @@ def execute(notebook, cwd: str, timeout: int = 300):
     client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", record_timing=False,
                             resources={"metadata": {"path": cwd}})
     client.execute()
+    _merge_streams(notebook)
     return notebook
+
+
+def _merge_streams(notebook) -> None:
+    """Join each cell's consecutive stdout (or stderr) outputs into one: how the kernel splits a cell's
+    printing into messages depends on timing, and the written file should not."""
+    for cell in notebook.cells:
+        merged = []
+        for output in cell.get("outputs", []):
+            if (output.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream"
+                    and merged[-1]["name"] == output["name"]):
+                merged[-1]["text"] += output["text"]
+            else:
+                merged.append(output)
+        if "outputs" in cell:
+            cell["outputs"] = merged
 
 
 def main(argv=None) -> int:
