@@ -381,6 +381,7 @@ def implicit_conv2d_backward(dy, cache: ImplicitCache, need_input_grad=True, *, 
                              0.0 if index == 0 else 1.0,
                              dw_ptr + (i * kw * cg * out_channels + g * og) * size, out_channels)
         dweight = dstored.transpose(3, 2, 0, 1)
+        del grid                                  # the padded input is not needed for dx: lower peak memory
     if need_input_grad:
         rows = n * per_image
         dgrid_x = np.empty((n, hp, wp, c), dtype=dy.dtype)
