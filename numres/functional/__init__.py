@@ -11,6 +11,7 @@ from .conv import col2im, conv2d_backward, conv2d_forward, im2col
 from .padding import pad2d_backward, pad2d_forward
 from .conv_algorithms import choose_conv_algorithm, conv_algorithm, get_conv_algorithm, set_conv_algorithm
 from .winograd import winograd_conv2d_backward, winograd_conv2d_forward
+from .implicit_gemm import implicit_conv2d_backward, implicit_conv2d_forward
 from .linear import linear_backward, linear_forward
 from .loss import cross_entropy_backward, cross_entropy_forward, log_softmax
 from .pooling import (adaptive_avgpool2d_backward, adaptive_avgpool2d_forward, avgpool2d_backward,
@@ -26,4 +27,5 @@ __all__ = ["add", "add_relu_forward", "relu_backward", "relu_forward", "batchnor
            "maxpool2d_backward", "maxpool2d_forward", "maxunpool2d_backward",
            "maxunpool2d_forward", "ops_for", "register_kernel", "unregister_kernel",
            "choose_conv_algorithm", "conv_algorithm", "get_conv_algorithm", "set_conv_algorithm",
-           "winograd_conv2d_backward", "winograd_conv2d_forward"]
+           "winograd_conv2d_backward", "winograd_conv2d_forward", "implicit_conv2d_backward",
+           "implicit_conv2d_forward"]
