@@ -371,7 +371,7 @@ class Trainer:
         self.start_note = ""            # what --weights / --freeze-backbone did, for the user
         self.command = None             # the command line that made the run (set by `numres train`)
         self.cwd = os.getcwd()          # where it was started
-        self.previous_checkpoint = None     # an --overwrite run's: the replaced checkpoint.prev.npz, removed at the first save
+        self.previous_checkpoint = None     # --overwrite: the replaced run's checkpoint.prev.npz, gone at the 1st save
 
         if config.dataset == "folder":
             self._build_folder_run(config)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -149,6 +150,15 @@ def _set_aside_previous_run(trainer, out):
         trainer.previous_checkpoint = previous
 
 
+def _where_weights_come_from(path) -> str:
+    """For a missing file named as torchvision names its weights: where that file is published."""
+    name = os.path.basename(path)
+    if re.fullmatch(r"(resnet|resnext|wide_resnet)[\w]*-[0-9a-f]{8}\.pth", name):
+        return (f" (torchvision publishes it at https://download.pytorch.org/models/{name}; see the README's "
+                f"fine-tuning)")
+    return ""
+
+
 def _trainer(args) -> Trainer:
     try:
         return _make_trainer(args)
@@ -180,6 +190,8 @@ def _make_trainer(args) -> Trainer:
     if given.get("optimizer", "sgd") != "sgd" and ("momentum" in given or "nesterov" in given):
         raise UsageError(f"--momentum and --nesterov belong to SGD; {given['optimizer']} uses its default betas")
     config = TrainConfig(**given)
+    if config.weights and not os.path.exists(config.weights):
+        raise UsageError(f"no such weights file: {config.weights}{_where_weights_come_from(config.weights)}")
     out, note = _run_folder(args, config)
     if note:
         print(note, flush=True)
