@@ -99,9 +99,8 @@ class CrossEntropyLoss(Module):
                                                      weight=self.weight, ignore_index=self.ignore_index)
         loss = B.xp_of(logits).asarray(loss)              # a 0-d array (NumPy reductions give scalars)
         if host_checks and not np.all(np.isfinite(loss)):
-            denominator = getattr(cache, "denominator", None)
-            mean_of_nothing = denominator is not None and float(denominator) == 0
-            if not mean_of_nothing:
+            # A mean over no target (every one ignored) is NaN, as in PyTorch; only bad logits are an error.
+            if not bool(B.xp_of(logits).isfinite(logits).all()):
                 raise FloatingPointError(f"CrossEntropyLoss is not finite ({loss if loss.ndim == 0 else 'some rows'}): "
                                          "the logits contain NaN or infinity")
         self.save_for_backward(cache)
