@@ -10,8 +10,8 @@ wherever the comparison is well conditioned (eval mode; resnet18).  ResNet-50 in
 pre-activations lie within float32 rounding of zero, so the ReLU masks of *any* two float32
 implementations differ in a few places and some gradients (layer4's BN parameters, say)
 move by 1e-3..1e-1 relative; PyTorch float32 shows the same spread against PyTorch float64.
-There, both float32 results are measured against the float64 reference and numres must be
-about as accurate as PyTorch.
+There numres's float32 is measured against the float64 reference, to a bound set by how far one
+float32 rounding of the inputs moves the float64 result (see that test).
 """
 from __future__ import annotations
 
@@ -89,31 +89,58 @@ def test_resnet18_channels_last_input():
     assert_all_below(R.model_parity(model, reference, x, upstream), TOL["float64"])
 
 
-@pytest.mark.slow
-def test_resnet50_float32_train_as_accurate_as_torch():
-    """numres float32 and PyTorch float32, both measured against the float64 reference, err alike.
+# numres float32 may err at most this many times what one float32 rounding of the inputs and weights
+# alone moves the float64 result (see test_resnet50_float32_train_against_the_float64_truth).
+FLOAT32_OVER_SENSITIVITY = 20
 
-    Train-mode ResNet-50 gradients at this size are not a smooth function of the input: in
-    float64, perturbing the input by 1e-7 (relative) already moves the median parameter
-    gradient by about 1e-2, because ReLU/max-pool decisions flip and train-mode BN spreads each
-    flip over the batch.  So neither float32 implementation can match the other to 1e-4; we ask
-    numres's errors to be of PyTorch's size instead.
+
+def _perturbed_like_float32_rounding(torch_model, x, seed):
+    """Every weight and input entry times ``1 + u * 2^-24`` (u uniform in [-1, 1]): one float32 rounding."""
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for p in torch_model.parameters():
+            p.mul_(1 + 2.0 ** -24 * torch.from_numpy(rng.uniform(-1, 1, p.shape)))
+    return x.astype(np.float64) * (1 + 2.0 ** -24 * rng.uniform(-1, 1, x.shape))
+
+
+def _summary(errors):
+    grads = np.array([v for k, v in errors.items() if k.startswith("grad ")])
+    buffers = np.array([v for k, v in errors.items() if k.startswith("buffer ")])
+    return {"logits": errors["logits"], "input gradient": errors["input gradient"],
+            "median grad": float(np.median(grads)), "worst grad": float(grads.max()),
+            "worst buffer": float(buffers.max())}
+
+
+@pytest.mark.slow
+def test_resnet50_float32_train_against_the_float64_truth():
+    """numres float32 against the float64 truth, to a bound set by the problem's own conditioning.
+
+    Train-mode ResNet-50 gradients at this size are not a smooth function of the input: ReLU and
+    max-pool decisions lie within float32 rounding of their thresholds, and train-mode BN spreads
+    each flip over the batch.  Measured here, in float64 alone, rounding the inputs and weights once
+    to float32 precision (relative 2^-24, ``_perturbed_like_float32_rounding``) already moves the
+    median parameter gradient by 7e-3, the worst by 0.11, dx by 1e-2, the logits by 1.2e-5 and the
+    BN buffers by 1.2e-5.  A float32 forward/backward rounds at every one of ~160 operations, so
+    its error is a few times that: numres measured 3.3x (worst gradient) to 7.7x (buffers); PyTorch's
+    own float32 on this CPU 3.2x to 6.5x.  The bound is FLOAT32_OVER_SENSITIVITY = 20 times the
+    float64 sensitivity, per statistic: CPU-independent (everything but numres's float32 is float64;
+    no float32 PyTorch result enters, as those differ by CPU), with a margin of 2.6x or more; the
+    buffers must also be within 1e-3 outright.
     """
     x, upstream = batch("float32")
-    model32, torch32 = make_pair("resnet50", "float32")
+    model32, _ = make_pair("resnet50", "float32")
     _, truth = make_pair("resnet50", "float32", torch_dtype="float64")
     reference = R.torch_pass(truth, x, upstream)
-    ours = R.compare_passes(R.numres_pass(model32, x, upstream), reference)
-    theirs = R.compare_passes(R.torch_pass(torch32, x, upstream), reference)
-    assert ours["logits"] < 2 * theirs["logits"] + 1e-5
-    assert ours["input gradient"] < 5 * theirs["input gradient"] + 1e-4
-    grads = [k for k in ours if k.startswith("grad ")]
-    ours_g, theirs_g = np.array([ours[k] for k in grads]), np.array([theirs[k] for k in grads])
-    assert np.median(ours_g) <= 5 * np.median(theirs_g) + 1e-5
-    assert ours_g.max() <= 5 * theirs_g.max() + 1e-4
-    buffers = [k for k in ours if k.startswith("buffer ")]
-    assert max(ours[k] for k in buffers) < 1e-3
-    assert max(ours[k] for k in buffers) < 5 * max(theirs[k] for k in buffers) + 1e-5
+    ours = _summary(R.compare_passes(R.numres_pass(model32, x, upstream), reference))
+    _, perturbed = make_pair("resnet50", "float32", torch_dtype="float64")
+    x_perturbed = _perturbed_like_float32_rounding(perturbed, x, seed=5)
+    sensitivity = _summary(R.compare_passes(R.torch_pass(perturbed, x_perturbed, upstream), reference))
+    assert all(0 < v < 1 for v in sensitivity.values()), sensitivity      # a real, finite perturbation
+    for what, error in ours.items():
+        bound = FLOAT32_OVER_SENSITIVITY * sensitivity[what]
+        assert error <= bound, \
+            f"{what}: {error:.2e} from the float64 truth > {bound:.2e} ({sensitivity[what]:.2e} x 20)"
+    assert ours["worst buffer"] < 1e-3
 
 
 def test_eval_mode_leaves_buffers_alone():

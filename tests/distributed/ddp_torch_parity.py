@@ -116,7 +116,8 @@ if rank == 1:
         with torch.no_grad():
             tb.copy_(torch.from_numpy(np.asarray(b)))
 perturbed = comm.allgather({name: b.copy() for name, b in model.named_buffers()})
-result["buffers_differ_before_forward"] = all(not np.array_equal(perturbed[0][k], perturbed[1][k]) for k in perturbed[0])
+result["buffers_differ_before_forward"] = all(not np.array_equal(perturbed[0][k], perturbed[1][k])
+                                              for k in perturbed[0])
 x, target = batch()
 numres_step(x, target)
 torch_step(x, target)

@@ -3,9 +3,9 @@
 Part 1, the layer alone, with even (3 + 3) and uneven (3 + 5) per-rank batches: each rank's
 SyncBatchNorm output and input gradient equal torch's BatchNorm2d run on the concatenated global
 batch (with the concatenated random upstream gradient), the per-rank weight/bias gradients sum to
-torch's, and the running statistics (random at the start) equal torch's on every rank.  Part 2, training: a resnet20 (SGD with
-momentum and weight decay, 3 steps) on 2 ranks ends with the parameters and BN buffers of the same
-model trained in one process on the whole batch of 8.
+torch's, and the running statistics (random at the start) equal torch's on every rank.
+Part 2, training: a resnet20 (SGD with momentum and weight decay, 3 steps) on 2 ranks ends with the
+parameters and BN buffers of the same model trained in one process on the whole batch of 8.
 """
 import sys
 
