@@ -332,7 +332,7 @@ CONV = [
     |---|---|---|
     | formula | `R.conv2d_forward` against the sum, pixel by pixel | rounding error |
     | derivation | `R.conv2d_backward` against the three formulas in NumPy | rounding error |
-    | finite differences | every entry of `x`, `W`, `b` | about 1e-10 (the limit of the method) |
+    | finite differences | every entry of `x`, `W`, `b` | about 1e-9 (the limit of the method) |
     | `nr.gradcheck` | a grouped, dilated `nr.nn.Conv2d` | PASS |
     | PyTorch autograd | five shapes of convolution | rounding error, below 1e-10 |
     | engine | `numres.functional`, im2col + GEMM, channels-last | rounding error |
@@ -481,7 +481,7 @@ BATCHNORM = [
     Perturb every entry of `x`, `weight` and `bias` by $\pm h$ and difference the loss $L = \sum y\cdot dy$.
     Perturbing one $x_k$ moves the batch mean and variance too, so this checks the whole Jacobian of step 2.
     (The forward pass inside the loss gets `None` for the running statistics, so they are not updated
-    600 times.)
+    hundreds of times.)
     """),
     code(NUMERICAL_GRADIENT),
     code("""
@@ -593,9 +593,10 @@ BATCHNORM = [
                                                    for ok, w in zip(verdicts[backward.__name__], (20, 18))))
     """),
     md(r"""
-    With all ones, two of the three broken versions pass. Their missing terms, $\hat{x}\sum d\hat{x}\,\hat{x}$
-    and $\texttt{invstd}$ inside $d\gamma$, multiply $\sum g\,\hat{x}$, and that sum is zero when $g$ is
-    constant. Only the crudest bug, `eval_formula`, is caught, because it gives a non-zero $dx$ where the
+    With all ones, two of the three broken versions pass. What each of them gets wrong is proportional to
+    $\sum g\,\hat{x}$: the missing term $\hat{x}\,\frac{\gamma}{m}\sum g\,\hat{x}$ in `forgets_variance`, and
+    $\sum g\,(x - \mu) - \sum g\,\hat{x} = (\sqrt{\sigma^2 + \epsilon} - 1)\sum g\,\hat{x}$ in `forgets_invstd`.
+    That sum is zero in every channel when $g$ is constant. Only the crudest bug, `eval_formula`, is caught, because it gives a non-zero $dx$ where the
     truth is zero. A random upstream gradient catches all three.
     """),
     code("""
@@ -614,7 +615,7 @@ BATCHNORM = [
 
     * $dx = \gamma\,\texttt{invstd}\,(g - d\beta/m - \hat{x}\,d\gamma/m)$: $d\hat{x}$ without its mean and its
       component along $\hat{x}$.
-    * It agrees with the node-by-node backward pass, with finite differences (about 1e-10) and with
+    * It agrees with the node-by-node backward pass, with finite differences (about 1e-9) and with
       PyTorch (rounding error), running statistics included.
     * With an all-ones upstream gradient the true $dx$ is zero, and broken formulas pass.
 
@@ -725,13 +726,13 @@ BOTTLENECK = [
     code("""
     r = rng.standard_normal(y.shape)
     dz = r * (y > 0)                                          # 1. the final ReLU
-    print(f"{'backward step':<16}{'grad arriving':>16}{'norm':>9}{'grad leaving':>16}{'norm':>9}{'|dW|':>9}")
+    print(f"{'backward step':<16}{'grad arriving':>16}{'norm':>9}{'grad leaving':>16}{'norm':>9}{'|d weight|':>12}")
     grad = dz                                                 # 2. df = dz
     for name in ("bn3", "conv3", "bn2", "conv2", "bn1", "conv1"):  # 3. the branch, in reverse
         layer = getattr(block, name)
         leaving = layer.backward(grad)
         print(f"{name:<16}{str(grad.shape):>16}{norm(grad):9.3f}{str(leaving.shape):>16}{norm(leaving):9.3f}"
-              f"{norm(layer.weight.grad):9.3f}")
+              f"{norm(layer.weight.grad):12.3f}")
         grad = leaving
     dx_branch = grad
     dx_identity = dz                                          # the identity's Jacobian is I
@@ -774,9 +775,9 @@ BOTTLENECK = [
     md(r"""
     One way to see the "+1" on its own: switch the branch off. torchvision's `zero_init_residual=True`
     sets each block's last BatchNorm weight ($\gamma$ of `bn3`) to zero. Then $F(x) = \beta_3$ is constant,
-    $F'(x) = 0$, and the block's input gradient is *exactly* the identity's share, $dx = dz$. A deep
-    ResNet initialised like this starts as a stack of identities, and every block receives the loss's
-    gradient undamped.
+    $F'(x) = 0$, and the block's input gradient is *exactly* the identity's share, $dx = dz$. In a ResNet
+    initialised like this, every block with an identity shortcut starts out as $\mathrm{relu}(x + \beta_3)$,
+    and hands the gradient of its output to its input through nothing but the ReLU's mask.
     """),
     code("""
     block.bn3.weight.data[...] = 0.0
