@@ -135,6 +135,11 @@ BAD_INPUTS = [
     (["predict", "nothing.png", "--weights", "nothing"], "no such image"),
     (["study", "degradation", "--epochs", "0"], "--epochs"),
     (["study", "degradation", "--subset", "1"], "--subset"),
+    (["train", "--backend", "tpu"], "--backend tpu"),
+    (["evaluate", "--checkpoint", ".", "--backend", "tpu"], "--backend tpu"),
+    (["summary", "resnet18", "--input", "1x3"], "--input 1x3"),
+    (["train", "--step-size", "0", "--schedule", "step"], "--step-size"),
+    (["train", "--schedule", "onecycle", "--warmup-epochs", "1"], "--warmup-epochs"),
 ]
 
 

@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     retain_freed_memory()       # a command owns its process: reuse freed activation memory
     module = importlib.import_module(f"{__name__}.{args.command}")
     try:
+        _check_backend(args)
         return int(module.run(args) or 0)
     except BrokenPipeError:             # the reader went away (`numres evaluate ... | head -1`): stop quietly
         _silence_stdout()
@@ -84,3 +85,15 @@ def _silence_stdout():
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):      # stdout is not a real file (captured by a test)
         pass
+
+
+def _check_backend(args):
+    """``--backend`` checked before any work, the error naming the option."""
+    value = getattr(args, "backend", None)
+    if value is None:
+        return
+    from ..backend import normalize_backend
+    try:
+        normalize_backend(value)
+    except ValueError as exc:
+        raise UsageError(f"--backend {value}: {exc}") from None

@@ -51,6 +51,6 @@ def run(args) -> int:
     try:
         summary = summarize(model, shape, shapes_only=args.shapes_only)
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"input {'x'.join(map(str, shape))} does not fit {args.model}: {exc}") from exc
+        raise UsageError(f"--input {'x'.join(map(str, shape))} does not fit {args.model}: {exc}") from exc
     print(format_summary(summary, title=args.model))
     return 0
