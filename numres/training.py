@@ -354,8 +354,8 @@ class Trainer:
         self.out_dir = os.fspath(out_dir)
         self.world_size, self.is_main = dist.get_world_size(), dist.is_main_process()
         if self.world_size > 1 and config.batch_size % self.world_size:
-            raise ValueError(f"the batch size (--batch-size) {config.batch_size} does not split evenly over "
-                             f"{self.world_size} processes")
+            raise ValueError(f"batch size {config.batch_size} does not split evenly over {self.world_size} processes "
+                             f"(--batch-size is the global batch)")
         if self.world_size > 1 and config.backend == "cupy":
             dist.select_device()
         self.progress = progress and self.is_main
