@@ -10,9 +10,23 @@ of numres's step by layer kind (each convolution shape, BN, ReLU, pooling,
 im2col/col2im, GEMM share), peak memory (each framework in a child process of its
 own, so the peaks do not mix), the BLAS kernel in use and the CPU's vector width (AVX2 or
 AVX-512, from /proc/cpuinfo), the convolution algorithm numres chose for every layer
-(im2col or Winograd, :mod:`numres.functional.conv_algorithms`), and, for each 3x3 layer
-shape, forward and backward times per algorithm (im2col, Winograd F(2,3) and F(4,3) where
-they apply) beside PyTorch's.  Results go to
+(im2col, Winograd or implicit GEMM, :mod:`numres.functional.conv_algorithms`), and, for each 3x3
+layer shape, forward and backward times per algorithm (im2col, implicit GEMM, Winograd F(2,3) and
+F(4,3) where they apply) beside PyTorch's.
+
+Two floors put numres's train step in proportion:
+
+* **the step's GEMMs alone**: every GEMM the chosen algorithms call in one train step (recorded
+  with their shapes: NumPy matmuls, the implicit path's CBLAS calls one per tap, the classifier's),
+  replayed back to back on preallocated operands; the step as a multiple of it says how much
+  time goes to everything that is not a GEMM;
+* **the step's FLOPs at the sgemm peak**: the direct convolutions' and the classifier's FLOPs
+  (forward, input and weight gradients) at the large-sgemm rate measured in the same run; the step
+  as a multiple of it says how far numres is from what the hardware's BLAS allows.
+
+Import order.  numres's train step is also timed in two child processes, one that imports numres
+first and one that imports NumPy first (and runs a GEMM) without OPENBLAS_THREAD_TIMEOUT set; the
+two should match (:func:`numres.blas.settle_thread_timeout`).  Results go to
 ``benchmarks/results/cpu_<model>_b<batch>_s<size>.json``; ``cpu.md`` and ``cpu.png``
 there are rebuilt from every such file.
 """
@@ -31,6 +45,7 @@ import sys
 import time
 
 # Before NumPy loads OpenBLAS (numres sets the same default on import; see numres/__init__.py).
+USER_THREAD_TIMEOUT = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402
@@ -54,6 +69,12 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--report-only", action="store_true", help="only rebuild cpu.md and cpu.png from the JSON")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-algorithm timings of the 3x3 layers")
+    parser.add_argument("--no-import-order", action="store_true",
+                        help="skip the two child processes that time numres imported before/after NumPy")
+    parser.add_argument("--conv-algorithm", default="auto", choices=["auto", "im2col", "implicit", "winograd"],
+                        help="numres's convolution algorithm (set_conv_algorithm)")
+    parser.add_argument("--conv-benchmark", action="store_true",
+                        help="auto times every algorithm per layer shape (set_conv_algorithm('auto', benchmark=True))")
     return parser.parse_args(argv)
 
 
@@ -277,10 +298,13 @@ def breakdown(model, step, repeats):
         register_kernel("numpy", name, timed(label, getattr(F, name)))
     from numres.functional import conv_algorithms as algorithms_module
     winograd_originals = {"winograd_conv2d_forward": algorithms_module.winograd_conv2d_forward,
-                          "winograd_conv2d_backward": algorithms_module.winograd_conv2d_backward}
-    for name, function in winograd_originals.items():     # Winograd layers bypass the registered conv ops
+                          "winograd_conv2d_backward": algorithms_module.winograd_conv2d_backward,
+                          "implicit_conv2d_forward": algorithms_module.implicit_conv2d_forward,
+                          "implicit_conv2d_backward": algorithms_module.implicit_conv2d_backward}
+    for name, function in winograd_originals.items():     # Winograd and implicit layers bypass the registered ops
         direction = name.rsplit("_", 1)[1]
-        setattr(algorithms_module, name, timed(lambda a, label=conv_label(direction): label(a) + " (winograd)",
+        kind = name.split("_", 1)[0]
+        setattr(algorithms_module, name, timed(lambda a, label=conv_label(direction), kind=kind: f"{label(a)} ({kind})",
                                                function))
     originals = {"im2col": conv_module.im2col, "col2im": conv_module.col2im}
     conv_module.im2col = timed(lambda a: "im2col (inside conv)", originals["im2col"])
@@ -337,7 +361,8 @@ def layer_algorithms(model, x):
 
 def time_3x3_algorithms(model, layers, repeats):
     """For each distinct 3x3 layer shape: median forward and backward ms of every algorithm that
-    applies (im2col; Winograd F(2,3) and F(4,3) on stride-1 layers), and of PyTorch's conv2d."""
+    applies (im2col; implicit GEMM, Winograd F(2,3) and F(4,3) on stride-1 layers), and of PyTorch's
+    conv2d.  The algorithms run interleaved, repeat by repeat, so a noisy moment hits them alike."""
     import torch
 
     import numres as nr
@@ -360,6 +385,9 @@ def time_3x3_algorithms(model, layers, repeats):
         applies = CA.winograd_padding(padding) is not None and CA.winograd_applies(
             x.shape, weight.shape, stride, padding, conv.dilation, conv.groups)
         candidates = [("im2col", "im2col", None)]
+        if CA.implicit_available() and CA.implicit_pads(x.shape, weight.shape, stride, padding, conv.dilation,
+                                                        conv.groups) is not None:
+            candidates.append(("implicit", "implicit", None))
         if applies:
             candidates += [("winograd F(2,3)", "winograd", 2), ("winograd F(4,3)", "winograd", 4)]
         row = {"layer": layer["layer"], "shape": f"{key[0][1]}->{key[1][0]} @{key[0][2]}x{key[0][3]} "
@@ -412,6 +440,193 @@ def print_layers(layers, algorithm_rows):
         for row in algorithm_rows:
             times = "   ".join(f"{label} {t['forward']:.1f}/{t['backward']:.1f}" for label, t in row["ms"].items())
             print(f"  {row['shape']:32s} (numres: {row['auto']})  {times}")
+
+
+# --- floors: the step's GEMMs alone, and its FLOPs at the sgemm peak -----------------------------------
+
+def _transposed(array):
+    """True when ``array``'s last two axes are a transposed C-contiguous matrix (BLAS reads it as 'T')."""
+    return array.ndim >= 2 and not array.flags.c_contiguous and array.swapaxes(-1, -2).flags.c_contiguous
+
+
+def record_gemms(step):
+    """Every GEMM one call of ``step`` makes, in order: ``("matmul", a_shape, a_T, b_shape, b_T, dtype)`` for
+    NumPy matmuls (im2col, Winograd, the classifier) and ``("cblas", trans_a, trans_b, m, n, k, beta, dtype)``
+    for the implicit path's CBLAS calls (recorded one per tap: its row split over threads is switched off)."""
+    import numres.functional as F
+    from numres.functional import implicit_gemm as IG
+    from numres.functional.dispatch import register_kernel, unregister_kernel
+
+    records = []
+    real_matmul, real_gemm, real_workers = np.matmul, IG._gemm, IG.gemm_workers
+
+    def matmul(a, b, *args, **kwargs):
+        records.append(("matmul", a.shape, _transposed(a), b.shape, _transposed(b), a.dtype.name))
+        return real_matmul(a, b, *args, **kwargs)
+
+    def gemm_for(dtype):
+        function = real_gemm(dtype)
+
+        def recorded(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+            records.append(("cblas", trans_a, trans_b, m, n, k, beta, np.dtype(dtype).name))
+            return function(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        return recorded
+
+    def linear_forward(x, weight, bias=None):             # x @ weight.T: the `@` operator bypasses np.matmul
+        records.append(("matmul", x.shape, False, weight.shape[::-1], True, x.dtype.name))
+        return F.linear_forward(x, weight, bias)
+
+    def linear_backward(dy, cache, need_input_grad=True, **kwargs):
+        x, weight, _ = cache
+        if kwargs.get("need_weight_grad", True):
+            records.append(("matmul", dy.shape[::-1], True, x.shape, False, dy.dtype.name))
+        if need_input_grad:
+            records.append(("matmul", dy.shape, False, weight.shape, False, dy.dtype.name))
+        return F.linear_backward(dy, cache, need_input_grad, **kwargs)
+
+    np.matmul, IG._gemm, IG.gemm_workers = matmul, gemm_for, (lambda: 0)
+    register_kernel("numpy", "linear_forward", linear_forward)
+    register_kernel("numpy", "linear_backward", linear_backward)
+    try:
+        step()
+    finally:
+        np.matmul, IG._gemm, IG.gemm_workers = real_matmul, real_gemm, real_workers
+        unregister_kernel("numpy", "linear_forward")
+        unregister_kernel("numpy", "linear_backward")
+    return records
+
+
+def gemm_replay(records):
+    """A function that runs every recorded GEMM once on preallocated operands (views of three scratch
+    buffers per dtype, laid out as recorded), and the GEMMs' FLOPs."""
+    from numres.blas import cblas_gemm
+
+    def operand(flat, shape, transposed):
+        if transposed:
+            shape = tuple(shape[:-2]) + (shape[-1], shape[-2])
+        view = flat[:int(np.prod(shape))].reshape(shape)
+        return view.swapaxes(-1, -2) if transposed else view
+
+    shapes, flops = [], 0
+    for record in records:
+        if record[0] == "matmul":
+            _, a_shape, a_t, b_shape, b_t, dtype = record
+            out_shape = np.broadcast_shapes(a_shape[:-2], b_shape[:-2]) + (a_shape[-2], b_shape[-1])
+            sizes = (int(np.prod(a_shape)), int(np.prod(b_shape)), int(np.prod(out_shape)))
+            flops += 2 * int(np.prod(out_shape)) * a_shape[-1]
+        else:
+            _, trans_a, trans_b, m, n, k, beta, dtype = record
+            sizes = (m * k, k * n, m * n)
+            flops += 2 * m * n * k
+        shapes.append((record, dtype, sizes))
+    scratch = {}
+    for _, dtype, sizes in shapes:
+        have = scratch.get(dtype, (0, 0, 0))
+        scratch[dtype] = tuple(max(h, s) for h, s in zip(have, sizes))
+    buffers = {dtype: tuple(np.full(size, 0.5, dtype=dtype) for size in sizes) for dtype, sizes in scratch.items()}
+    gemm = cblas_gemm()
+    calls = []
+    for record, dtype, _ in shapes:
+        flat_a, flat_b, flat_c = buffers[dtype]
+        if record[0] == "matmul":
+            _, a_shape, a_t, b_shape, b_t, _ = record
+            a, b = operand(flat_a, a_shape, a_t), operand(flat_b, b_shape, b_t)
+            out_shape = np.broadcast_shapes(a_shape[:-2], b_shape[:-2]) + (a_shape[-2], b_shape[-1])
+            out = operand(flat_c, out_shape, False)
+            calls.append(lambda a=a, b=b, out=out: np.matmul(a, b, out=out))
+        else:
+            _, trans_a, trans_b, m, n, k, beta, _ = record
+            function = gemm.function(dtype)
+            lda, ldb = (m if trans_a == 112 else k), (k if trans_b == 112 else n)
+            pointers = (flat_a.ctypes.data, flat_b.ctypes.data, flat_c.ctypes.data)
+            calls.append(lambda f=function, r=record, p=pointers, lda=lda, ldb=ldb: f(
+                101, r[1], r[2], r[3], r[4], r[5], 1.0, p[0], lda, p[1], ldb, r[6], p[2], r[4]))
+
+    def replay():
+        for call in calls:
+            call()
+    return replay, flops
+
+
+def floor_rows(step, step_ms, train_flops, peak_gflops, repeats):
+    """The two floors (see the module's notes) and the step as a multiple of each."""
+    records = record_gemms(step)
+    replay, gemm_flops = gemm_replay(records)
+    replay()                                                   # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        replay()
+        samples.append(time.perf_counter() - start)
+    gemm_ms = median_ms(samples)
+    peak_ms = train_flops / (peak_gflops * 1e9) * 1000
+    counts = collections.Counter(record[0] for record in records)
+    return {"gemms_alone_ms": gemm_ms, "gemm_calls": dict(counts), "gemm_gflop": gemm_flops / 1e9,
+            "gemms_alone_gflops": gemm_flops / (gemm_ms / 1000) / 1e9,
+            "step_over_gemms_alone": step_ms / gemm_ms,
+            "flops_at_peak_ms": peak_ms, "step_over_flops_at_peak": step_ms / peak_ms}
+
+
+# --- the same train step, numres imported before and after NumPy -----------------------------------------
+
+IMPORT_ORDER_CHILD = """
+import json, os, sys, time
+if {numpy_first}:
+    import numpy
+    numpy.ones((256, 256), numpy.float32) @ numpy.ones((256, 256), numpy.float32)    # OpenBLAS loaded and started
+import numres
+sys.path[:0] = {paths!r}
+import cpu_resnet
+print(json.dumps(cpu_resnet.import_order_child({model!r}, {batch}, {size}, {threads}, {repeats}, {algorithm!r})))
+"""
+
+
+def import_order_child(model_name, batch, size, threads, repeats, algorithm="auto"):
+    """Run in a child process: median ms of numres's train step alone (no PyTorch imported)."""
+    import ctypes
+
+    import threadpoolctl
+
+    import numres as nr
+    from numres import blas
+    nr.allocator.retain_freed_memory()
+    threadpoolctl.threadpool_limits(limits=threads)
+    nr.parallel.set_num_threads(threads)
+    nr.functional.set_conv_algorithm(algorithm)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    target = rng.integers(0, 1000, batch)
+    step = numres_runners(getattr(nr, model_name)(), x, target)["train_step"]
+    step()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - start)
+    timeout = None
+    if blas._loaded_openblas():
+        library = ctypes.CDLL(blas._loaded_openblas()[0])
+        if hasattr(library, "openblas_thread_timeout"):
+            library.openblas_thread_timeout.restype = ctypes.c_uint
+            timeout = int(library.openblas_thread_timeout())
+    return {"train_step_ms": median_ms(samples), "samples_ms": [s * 1000 for s in samples],
+            "openblas_thread_timeout": timeout}
+
+
+def measure_import_orders(args):
+    """``{"numres first": ..., "numpy first": ...}``: the train step timed in one child process each."""
+    env = dict(os.environ)
+    if USER_THREAD_TIMEOUT is None:
+        env.pop("OPENBLAS_THREAD_TIMEOUT", None)          # as a user's shell would have it
+    results = {}
+    for label, numpy_first in (("numres first", False), ("numpy first", True)):
+        code = IMPORT_ORDER_CHILD.format(numpy_first=numpy_first, paths=[ROOT, HERE, os.path.join(ROOT, "tests")],
+                                         model=args.model, batch=args.batch, size=args.size, threads=args.threads,
+                                         repeats=args.repeats, algorithm=args.conv_algorithm)
+        output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env,
+                                cwd=ROOT).stdout
+        results[label] = json.loads(output.strip().splitlines()[-1])
+    return results
 
 
 # --- peak memory, each framework alone in a child process ---------------------------------------------
@@ -500,6 +715,17 @@ def write_reports(directory):
             mem = run["memory"]
             lines.append(f"| peak RSS (MB), train step | {mem['numres']['peak_rss_mb']:.0f} | "
                          f"{mem['torch']['peak_rss_mb']:.0f} | {mem['ratio']:.2f} |")
+        if run.get("floors"):
+            floors = run["floors"]
+            lines += [f"| floor: the step's GEMMs alone ({sum(floors['gemm_calls'].values())} calls, "
+                      f"{floors['gemm_gflop']:.1f} GFLOP at {floors['gemms_alone_gflops']:.0f} GFLOP/s) | "
+                      f"{floors['gemms_alone_ms']:.0f} | | step = {floors['step_over_gemms_alone']:.2f}x |",
+                      f"| floor: the step's FLOPs at the sgemm peak | {floors['flops_at_peak_ms']:.0f} | | "
+                      f"step = {floors['step_over_flops_at_peak']:.2f}x |"]
+        if run.get("import_order"):
+            for label, row in run["import_order"].items():
+                lines.append(f"| train step, child process, {label} (OpenBLAS timeout "
+                             f"{row.get('openblas_thread_timeout')}) | {row['train_step_ms']:.0f} | | |")
         lines += ["", f"numres train step reaches {run['numres_train_gflops']:.0f} GFLOP/s "
                       f"({100 * run['numres_train_gflops'] / run['sgemm_peak_gflops']:.0f}% of the sgemm peak); "
                       f"PyTorch {run['torch_train_gflops']:.0f} GFLOP/s.", "",
@@ -569,6 +795,8 @@ def main(argv=None):
     import torch
 
     limits = limit_threads(args.threads)
+    import numres as nr
+    nr.functional.set_conv_algorithm(args.conv_algorithm, benchmark=args.conv_benchmark)
     model, reference, x, target = build_pair(args)
     numres_jobs = numres_runners(model, x, target)
     torch_jobs = torch_runners(reference, x, target)
@@ -596,9 +824,16 @@ def main(argv=None):
     breakdown_ms = {k: v * 1000 for k, v in parts.items()}
     breakdown_ms["GEMM and the rest of conv (conv minus im2col/col2im)"] = (conv_total - copies) * 1000
     del stem
+    floors = floor_rows(numres_jobs["train_step"], timings["train_step"]["numres_ms"], train_flops, peak,
+                        args.repeats)
+    print(f"floors: the step's GEMMs alone {floors['gemms_alone_ms']:.1f} ms ({floors['gemm_calls']}, "
+          f"{floors['gemms_alone_gflops']:.0f} GFLOP/s) -> step {floors['step_over_gemms_alone']:.2f}x; "
+          f"its FLOPs at the sgemm peak {floors['flops_at_peak_ms']:.1f} ms -> step "
+          f"{floors['step_over_flops_at_peak']:.2f}x", flush=True)
     layers = layer_algorithms(model, x)
     algorithm_rows = [] if args.no_layers else time_3x3_algorithms(model, layers, max(1, args.repeats // 2))
     print_layers(layers, algorithm_rows)
+    from numres.functional.conv_algorithms import measured_choices
 
     result = {
         "config": vars(args) | {"out": None},
@@ -616,8 +851,16 @@ def main(argv=None):
         "breakdown_ms": breakdown_ms,
         "layers": layers,
         "algorithms_3x3": algorithm_rows,
+        "floors": floors,
+        "conv_setting": {"algorithm": args.conv_algorithm, "benchmark": args.conv_benchmark,
+                         "measured_choices": measured_choices()},
     }
     limits.restore_original_limits()
+    if not args.no_import_order:
+        result["import_order"] = measure_import_orders(args)
+        for label, row in result["import_order"].items():
+            print(f"train step in a child process, {label}: {row['train_step_ms']:.1f} ms "
+                  f"(OpenBLAS thread timeout {row['openblas_thread_timeout']})", flush=True)
     if not args.no_memory:
         memory = measure_memory(args)
         memory["ratio"] = memory["numres"]["peak_rss_mb"] / memory["torch"]["peak_rss_mb"]
