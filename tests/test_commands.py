@@ -217,3 +217,35 @@ def test_device_names_work_on_the_command_line(tmp_path, capsys):
     assert main(["train", *TINY, "--epochs", "1", "--backend", "cpu", "--out", str(tmp_path)]) == 0
     assert "backend numpy" in capsys.readouterr().out
     assert nr.load(tmp_path / "checkpoint.npz")["config"]["backend"] == "numpy"
+
+
+def test_confusion_matrix_keeps_whole_class_names():
+    from numres.commands.evaluate import format_confusion
+    text = format_confusion(np.array([[3, 0], [1, 12]]), ["triangle_green", "circle_blue"])
+    header = text.splitlines()[1].split()
+    assert header == ["triangle_green", "circle_blue"]
+    assert text.splitlines()[2].split() == ["triangle_green", "3", "0"]
+
+
+def test_study_writes_under_runs_by_default():
+    import argparse
+    from numres.commands import study
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    for experiment in ("gradflow", "degradation"):
+        assert parser.parse_args([experiment]).out == os.path.join("runs", f"study-{experiment}")
+
+
+def test_curves_survive_a_huge_first_epoch(tmp_path, monkeypatch):
+    """A first test loss of 14 beside later ones of 0.04: the loss panel is drawn on a log scale."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+    from numres.training import write_curves
+    scales = []
+    original = matplotlib.axes.Axes.set_yscale
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yscale", lambda self, value, **kw: (scales.append(value),
+                                                                                      original(self, value, **kw)))
+    history = [dict(epoch=e, train_loss=l, test_loss=l * 1.1, train_acc=0.5, test_acc=0.5)
+               for e, l in enumerate([13.8, 0.5, 0.1, 0.04], 1)]
+    assert write_curves(history, tmp_path / "curves.png")
+    assert scales == ["log"] and (tmp_path / "curves.png").stat().st_size > 1000

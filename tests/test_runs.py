@@ -142,3 +142,24 @@ def test_wrong_architecture_weights_on_the_command_line(tmp_path, capsys):
     assert main(["train", *TINY, "--freeze-backbone", "--out", str(tmp_path / "c")]) == 2
     one_error_line(capsys, "--freeze-backbone", "--weights")
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_many_processes_follow_the_same_folder_rules(tmp_path):
+    """Under mpiexec rank 0 picks the folder (runs/digits-resnet20, then -2) and every rank agrees."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import sys
+    mpiexec = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.access(mpiexec, os.X_OK) or importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("needs mpiexec and mpi4py (pip install 'numres[mpi]')")
+    command = [mpiexec, "-n", "2", sys.executable, "-m", "numres", "train", *TINY, "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for expected in ("runs/digits-resnet20", "runs/digits-resnet20-2"):
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        assert f"run folder: {expected}" in done.stdout
+    assert sorted(os.listdir(tmp_path / "runs")) == ["digits-resnet20", "digits-resnet20-2"]
+    done = subprocess.run(command + ["--out", "runs/digits-resnet20"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode != 0 and "already holds a run" in done.stderr and "Traceback" not in done.stderr
