@@ -79,6 +79,8 @@ CONV = [
     The code under study is the textbook tier,
     [`numres/reference/conv.py`](../numres/reference/conv.py) (`conv2d_forward`, `conv2d_backward`).
     Its docstrings use the same symbols as this notebook. Everything runs in float64.
+
+    To run it yourself: `pip install -e ".[notebooks]"` in the repository root, then `jupyter lab notebooks/`.
     """),
     code("""
     import numpy as np
@@ -161,15 +163,19 @@ CONV = [
     Apply it to the formula above:
 
     **Bias.** $b[o]$ is added to every output pixel of channel $o$:
+
     $$db[o] = \sum_{n, p, q} dy[n, o, p, q].$$
 
     **Weight.** $W[o, c, i, j]$ multiplies `x_shifted(i, j)` at every output pixel of every image:
+
     $$dW[o, c, i, j] = \sum_{n, p, q} dy[n, o, p, q]\; x_{shifted}(i, j)[n, c, p, q]
     \quad\Longleftrightarrow\quad dW_{ij} = \sum_n dy[n]\, X_{ij}[n]^{\mathsf T}.$$
 
     **Input.** For one offset, $Y = W_{ij} X_{ij}$ is a matrix product, whose gradient with respect
     to the right factor is $W_{ij}^{\mathsf T} dY$. So
+
     $$dX_{ij}[n] = W_{ij}^{\mathsf T}\, dy[n] \qquad (C \times P).$$
+
     $X_{ij}$ is a *view* of `x_pad`, so its gradient is added back onto the pixels it was read from:
     `dx_pad[shifted(i, j)] += dX_ij`. A pixel read by several offsets (overlapping windows) collects
     a contribution from each of them, hence the `+=`. Finally `dx` is `dx_pad` without its frame: the
