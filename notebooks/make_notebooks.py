@@ -954,7 +954,14 @@ REFERENCE_MODE = [
     over. This is machine-dependent output: the settings in force, the BLAS library, then the times.
     """),
     code("""
-    from threadpoolctl import threadpool_limits
+    import contextlib
+
+    try:
+        from threadpoolctl import threadpool_limits
+        one_blas_thread = threadpool_limits(1, user_api="blas")
+    except ImportError:                                   # pip install threadpoolctl to pin BLAS to one thread
+        print("threadpoolctl is not installed: BLAS keeps its own thread count")
+        one_blas_thread = contextlib.nullcontext()
 
 
     def best_of(model, repeats=3):
@@ -966,7 +973,7 @@ REFERENCE_MODE = [
         return min(times)
 
 
-    with threadpool_limits(1, user_api="blas"), nr.using_config(num_threads=1):
+    with one_blas_thread, nr.using_config(num_threads=1):
         nr.config.show()
         seconds_engine = best_of(engine_model)
         with nr.reference_mode():
