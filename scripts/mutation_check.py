@@ -34,7 +34,7 @@ constant       a number in arithmetic or a comparison: an int ``k`` -> ``k + 1``
 =============  ======================================================================================
 
 A mutant whose source equals the original, or equals an earlier mutant, is not generated (a no-op
-cannot be killed and is not counted).  A mutant listed in ``EQUIVALENT`` below (with the reason it
+cannot be killed and is not counted).  A mutant matched by ``EQUIVALENT_RULES`` below (with the reason it
 changes nothing observable) is reported as equivalent and left out of the kill rate.
 
 How it runs.  The repository's files (``git ls-files`` plus untracked, not-ignored files) are copied
@@ -123,7 +123,32 @@ PACKAGE_TESTS = {"numres/reference": "tests/test_reference.py"}
 
 # --- mutants that change nothing observable ----------------------------------------------------------------
 # (file, function, kind, original, mutated) -> why.  ``original``/``mutated`` are the changed node's source.
-EQUIVALENT: dict[tuple, str] = {}
+# Each rule: (file, function, kind, original, mutated, text in the mutated statement's first line) -> why.
+_BN = "numres/functional/batchnorm.py", "batchnorm_backward"
+_EMPTY_BN = ("empty input (m = 0): dx is an empty array and the parameter gradients are sums over nothing, "
+             "zeros; times 1.001 they are the same arrays")
+_SCALED = "_mutant_value if (_mutant_value := {}) is None else _mutant_value * 1.001"
+_BIGGER_FRAME = ("the scratch frame gets more rows/columns of padding than it needs: the extra ones stay zero "
+                 "and are cropped away with the rest (a memory cost only)")
+EQUIVALENT_RULES: list[tuple] = [
+    (*_BN, "scale", "return gradients(xp.empty_like(cache.rows), zeros, zeros.copy())", mutated,
+     "xp.empty_like(cache.rows)", _EMPTY_BN)
+    for mutated in (
+        f"return gradients({_SCALED.format('xp.empty_like(cache.rows)')}, zeros, zeros.copy())",
+        f"return gradients(xp.empty_like(cache.rows), {_SCALED.format('zeros')}, zeros.copy())",
+        f"return gradients(xp.empty_like(cache.rows), zeros, {_SCALED.format('zeros.copy()')})")
+] + [
+    ("numres/functional/conv.py", "col2im", "constant", "2", "3", "padded = xp.empty((n, h + 2 * padding[0]",
+     _BIGGER_FRAME),
+]
+
+
+def equivalent_reason(mutant):
+    for file, function, kind, original, mutated, where, reason in EQUIVALENT_RULES:
+        if (file, function, kind, original, mutated) == (mutant.file, mutant.function, mutant.kind, mutant.original,
+                                                          mutant.mutated) and where in mutant.statement:
+            return reason
+    return ""
 
 
 # =============================================================================================================
@@ -140,7 +165,8 @@ class Mutant:
     mutated: str
     id: str = ""
     source: str = ""            # the whole mutated function, as source
-    equivalent: str = ""        # the documented reason, when in EQUIVALENT
+    statement: str = ""         # the first line of the statement that holds the change, before it
+    equivalent: str = ""        # the documented reason, when an EQUIVALENT_RULES entry matches
 
     @property
     def description(self):
@@ -367,12 +393,16 @@ def generate_mutants(source: str, function: str, file: str = "<string>") -> list
             except SyntaxError:
                 continue
             seen.add(text)
+            statement = node
+            while not isinstance(statement, ast.stmt) and statement in parents:
+                statement = parents[statement]
             mutants.append(Mutant(file=file, function=function, line=getattr(node, "lineno", 0) or
                                   getattr(parents.get(node), "lineno", 0), kind=kind,
-                                  original=_snippet(node), mutated=_snippet(replacement), source=text))
+                                  original=_snippet(node), mutated=_snippet(replacement), source=text,
+                                  statement=" ".join(ast.unparse(statement).splitlines()[0].split())))
     for number, mutant in enumerate(mutants):
         mutant.id = f"{file}::{function}#{number}"
-        mutant.equivalent = EQUIVALENT.get((file, function, mutant.kind, mutant.original, mutant.mutated), "")
+        mutant.equivalent = equivalent_reason(mutant)
     return mutants
 
 
