@@ -30,6 +30,7 @@ import ctypes
 import functools
 import os
 import re
+import threading
 import warnings
 
 # (getter, setter) symbol pairs: NumPy's wheels ship scipy-openblas with prefixed names.
@@ -201,50 +202,45 @@ def cblas_gemm():
     return None
 
 
-# --- a thread's own BLAS thread count -----------------------------------------------------------------
+# --- single-threaded BLAS around numres's own parallel sections -------------------------------------------
 
-_LOCAL_SYMBOLS = ("scipy_openblas_set_num_threads_local64_", "scipy_openblas_set_num_threads_local",
-                  "openblas_set_num_threads_local64_", "openblas_set_num_threads_local")
-
-
-@functools.lru_cache(maxsize=1)
-def _local_control():
-    """OpenBLAS's ``openblas_set_num_threads_local`` (0.3.27 and later; returns the previous count), or None."""
-    for path in _loaded_openblas():
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in _LOCAL_SYMBOLS:
-            function = getattr(library, name, None)
-            if function is not None:
-                function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
-                return function
-    return None
+_section_lock = threading.Lock()
+_section = {"depth": 0, "saved": None}
 
 
-def local_blas_threads_available() -> bool:
-    """True when one thread can run its BLAS calls on a thread count of its own (:func:`local_blas_threads`)."""
-    return _local_control() is not None
+def single_threaded_blas_available() -> bool:
+    """True when numres can set OpenBLAS's thread count (:func:`single_threaded_blas`)."""
+    return _openblas_controls() is not None
 
 
 @contextlib.contextmanager
-def local_blas_threads(count: int):
-    """BLAS calls made by *this thread* inside the block use ``count`` threads; other threads keep theirs.
+def single_threaded_blas():
+    """Inside the block NumPy's OpenBLAS runs every call on one thread; on leaving, its count is restored.
 
-    What numres's own parallel sections use: each of its threads runs single-threaded GEMMs on its
-    share of the rows, where one multi-threaded GEMM of a thin matrix would synchronise its
-    threads once per block of K.  Raises where the BLAS has no such control
-    (:func:`local_blas_threads_available`).
+    What numres's own parallel sections use: each of numres's threads runs single-threaded GEMMs
+    on its share of the rows, where one multi-threaded GEMM of a thin matrix would synchronise its
+    threads once per block of K.  OpenBLAS's thread count is one setting for the whole process
+    (its ``openblas_set_num_threads_local`` sets the same global in a pthreads build), so sections
+    entered from several threads at once share one saved count: the first to enter saves it and
+    sets 1, the last to leave restores it.  A BLAS call on another thread meanwhile also runs on
+    one thread.  Raises where numres cannot set the count (:func:`single_threaded_blas_available`).
     """
-    control = _local_control()
-    if control is None:
-        raise RuntimeError("this BLAS has no per-thread thread count (openblas_set_num_threads_local)")
-    before = control(int(count))
+    controls = _openblas_controls()
+    if controls is None:
+        raise RuntimeError("numres cannot set this BLAS's thread count (not an OpenBLAS it can find)")
+    get, set_ = controls
+    with _section_lock:
+        if _section["depth"] == 0:
+            _section["saved"] = get()
+            set_(1)
+        _section["depth"] += 1
     try:
         yield
     finally:
-        control(before)
+        with _section_lock:
+            _section["depth"] -= 1
+            if _section["depth"] == 0:
+                set_(_section["saved"])
 
 
 settle_thread_timeout()

@@ -90,7 +90,7 @@ def test_row_splits_blocks_and_chunks(variant, workers, rng, monkeypatch):
     change nothing but the order of the sums."""
     monkeypatch.setattr(IG, "BLOCK_ELEMENTS", 64)
     monkeypatch.setattr(IG, "WORKSPACE_ELEMENTS", 300)
-    if blas.local_blas_threads_available():
+    if blas.single_threaded_blas_available():
         monkeypatch.setattr(IG, "gemm_workers", lambda: workers)
     x = rng.standard_normal((3, 4, 7, 6))
     weight = rng.standard_normal((6, 2, 3, 3))
@@ -99,6 +99,31 @@ def test_row_splits_blocks_and_chunks(variant, workers, rng, monkeypatch):
     dy = rng.standard_normal(y.shape)
     for ours, ref in zip((y,) + implicit_conv2d_backward(dy, cache), torch_conv(x, weight, b, 1, 1, 2, dy)):
         assert_close(ours, ref, "float64", variant)
+
+
+@pytest.mark.skipif(not blas.single_threaded_blas_available(), reason="numres cannot set this BLAS's threads")
+def test_blas_thread_count_restored_after_concurrent_sections(rng, monkeypatch):
+    """Two user threads running split convolutions at once leave OpenBLAS's thread count as it was."""
+    import threading
+    monkeypatch.setattr(IG, "gemm_workers", lambda: 2)
+    x, weight = rng.standard_normal((2, 8, 12, 12)), rng.standard_normal((8, 8, 3, 3))
+    errors = []
+
+    def work():
+        try:
+            for _ in range(20):
+                y, cache = implicit_conv2d_forward(x, weight, None, 1, 1)
+                implicit_conv2d_backward(y, cache)
+        except Exception as error:           # noqa: BLE001  (reported below)
+            errors.append(error)
+
+    with blas.blas_threads(2):
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors and blas.current_blas_threads() == 2
 
 
 def test_skipped_gradients_are_none(rng):

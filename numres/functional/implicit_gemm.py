@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..blas import cblas_gemm, current_blas_threads, local_blas_threads, local_blas_threads_available
+from ..blas import cblas_gemm, current_blas_threads, single_threaded_blas, single_threaded_blas_available
 from ..parallel import get_num_threads, map_tiles, run_parts
 from .conv import conv_padding, pair
 
@@ -111,33 +111,33 @@ BLOCK_ELEMENTS = 1 << 17       # output elements per block of rows (512 KiB of f
 
 def gemm_workers() -> int:
     """How many of numres's threads split the slab GEMMs' rows, each running single-threaded GEMMs
-    (0: none; one multi-threaded GEMM per tap instead).
+    (0: none; one GEMM per tap, which BLAS threads itself).
 
-    As many as NumPy's BLAS has threads (:func:`numres.blas.current_blas_threads`), capped by
-    numres's own thread count, where the BLAS lets one thread set its own count
-    (``openblas_set_num_threads_local``).  So ``blas_threads(1)`` gives one thread either way.
+    As many as NumPy's BLAS has threads now (:func:`numres.blas.current_blas_threads`), capped by
+    numres's own thread count, where numres can set OpenBLAS's thread count; 0 where it cannot,
+    or where numres has one thread and BLAS more.  ``blas_threads(1)`` gives 1.
     """
     blas = current_blas_threads()
-    if blas is None or not local_blas_threads_available():
+    if blas is None or not single_threaded_blas_available():
         return 0
-    return max(1, min(blas, get_num_threads()))
+    workers = min(blas, get_num_threads())
+    return 0 if workers == 1 and blas > 1 else max(1, workers)
 
 
 def split_rows(total, function, block_rows):
     """Run ``function(lo, hi, block)`` on ranges covering ``[0, total)``: one range per GEMM worker,
-    each doing its rows ``block`` at a time on single-threaded GEMMs; or, without workers, one call
+    each doing its rows ``block`` at a time, with OpenBLAS on one thread meanwhile
+    (:func:`numres.blas.single_threaded_blas`); or, without workers, one call
     ``function(0, total, total)`` whose GEMMs BLAS threads itself."""
     workers = gemm_workers()
     if workers == 0:
         function(0, total, max(1, total))
-        return
-    bounds = sorted({total * part // workers for part in range(workers + 1)})     # no empty ranges
-
-    def part(index):
-        with local_blas_threads(1):
-            function(bounds[index], bounds[index + 1], block_rows)
-
-    run_parts(part, len(bounds) - 1)
+    elif workers == 1:
+        function(0, total, block_rows)               # BLAS is on one thread already
+    else:
+        bounds = sorted({total * part // workers for part in range(workers + 1)})     # no empty ranges
+        with single_threaded_blas():
+            run_parts(lambda index: function(bounds[index], bounds[index + 1], block_rows), len(bounds) - 1)
 
 
 # --- the padded grid ---------------------------------------------------------------------------------
