@@ -94,3 +94,62 @@ def test_batchnorm_backward_over_uneven_tiles(monkeypatch, training, relu, affin
     if affine:
         _close(dweight, tdw, "dweight")
         _close(dbias, tdb, "dbias")
+
+
+# --- folded_conv_bn_backward ----------------------------------------------------------------------------
+
+def _folded_pair(rng, bias, relu, groups=1, stride=1):
+    import numres as nr
+    from numres.nn.fusion import FoldedBatchNormCache, conv_bn
+    nr.nn.set_batchnorm_folding(True)
+    conv = nr.nn.Conv2d(4, 6, 3, stride=stride, padding=1, groups=groups, bias=bias, dtype="float64")
+    conv.weight.data[...] = rng.standard_normal(conv.weight.shape)
+    if bias:
+        conv.bias.data[...] = rng.standard_normal(6)
+    bn = nr.nn.BatchNorm2d(6, dtype="float64")
+    bn.weight.data[...] = rng.uniform(0.5, 1.5, 6)
+    bn.bias.data[...] = rng.standard_normal(6)
+    bn.running_mean[...] = rng.standard_normal(6)
+    bn.running_var[...] = rng.uniform(0.5, 2.0, 6)
+    conv.eval(), bn.eval()
+    x = rng.standard_normal((2, 4, 7, 5))
+    y = conv_bn(conv, bn, x, relu=relu)
+    assert isinstance(bn._cache, FoldedBatchNormCache), "the pair did not fold"
+    return conv, bn, x, y
+
+
+def _torch_pair(conv, bn, x, relu, upstream):
+    leaf = lambda a: torch.tensor(np.array(a), requires_grad=True)      # noqa: E731
+    tx, tw, tg, tb = leaf(x), leaf(conv.weight.data), leaf(bn.weight.data), leaf(bn.bias.data)
+    tcb = leaf(conv.bias.data) if conv.bias is not None else None
+    z = TF.conv2d(tx, tw, tcb, conv.stride, conv.padding, conv.dilation, conv.groups)
+    y = TF.batch_norm(z, torch.tensor(np.array(bn.running_mean)), torch.tensor(np.array(bn.running_var)), tg, tb,
+                      False, 0.1, bn.eps)
+    y = torch.relu(y) if relu else y
+    y.backward(torch.tensor(upstream))
+    return tx.grad, tw.grad, None if tcb is None else tcb.grad, tg.grad, tb.grad
+
+
+@pytest.mark.parametrize("frozen", ["all", "conv", "bn"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_folded_conv_bn_backward_with_frozen_parameters(frozen, bias):
+    """dx through a folded pair whose parameters are all frozen (the early return), or only the conv's or only
+    the BatchNorm's: the gradients that remain against autograd."""
+    rng = np.random.default_rng(42)
+    conv, bn, x, y = _folded_pair(rng, bias, relu=True)
+    if frozen in ("all", "conv"):
+        conv.requires_grad_(False)
+    if frozen in ("all", "bn"):
+        bn.requires_grad_(False)
+    conv.zero_grad(), bn.zero_grad()
+    upstream = rng.standard_normal(y.shape)
+    dx = conv.backward(bn.backward(upstream))
+    tdx, tdw, tdcb, tdg, tdb = _torch_pair(conv, bn, x, True, upstream)
+    _close(dx, tdx, "dx")
+    if frozen == "bn":
+        _close(conv.weight.grad, tdw, "conv weight")
+        if bias:
+            _close(conv.bias.grad, tdcb, "conv bias")
+    if frozen == "conv":
+        _close(bn.weight.grad, tdg, "bn weight")
+        _close(bn.bias.grad, tdb, "bn bias")
