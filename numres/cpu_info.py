@@ -19,6 +19,8 @@ import functools
 import os
 import re
 
+import numpy
+
 __all__ = ["cpu_flags", "vector_extension", "blas_kernel", "slow_blas_warning", "GENERIC_KERNELS"]
 
 # OpenBLAS core names whose kernels use neither AVX2 nor AVX-512 (lower case).
@@ -76,7 +78,6 @@ def _corename_by_ctypes() -> str | None:
 def blas_kernel() -> str | None:
     """The kernel NumPy's OpenBLAS runs (``"SkylakeX"``, ``"Haswell"``, ``"Prescott"``...), or None when
     NumPy's BLAS is not an OpenBLAS or does not say."""
-    import numpy  # noqa: F401  (loads NumPy's BLAS)
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
@@ -95,7 +96,6 @@ def slow_blas_warning(kernel=None, flags=None) -> str | None:
     extension = vector_extension(flags)
     if not kernel or extension is None or kernel.lower() not in GENERIC_KERNELS:
         return None
-    import numpy
     chosen = os.environ.get("OPENBLAS_CORETYPE")
     if chosen:                          # the user chose it (OpenBLAS may report another name for it)
         return (f"note: OPENBLAS_CORETYPE={chosen} makes NumPy's OpenBLAS run its generic '{kernel}' kernel on "

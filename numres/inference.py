@@ -20,11 +20,13 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from . import imagenet
+from . import imagenet, models
 from .backend import to_numpy
+from .data import eval_resize, transforms
 from .io import load, load_weights
 from .models.identify import check_weights_fit, identify
 from .nn import no_grad
+from .training import CHECKPOINT_FORMAT, build_model, check_checkpoint, checkpoint_file
 
 # The image each built-in dataset's models read: (channels, height, width).
 DATASET_INPUTS = {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}
@@ -42,7 +44,6 @@ def _is_training_checkpoint(path) -> bool:
         return True
     if not path.endswith(".npz"):
         return False
-    from .training import CHECKPOINT_FORMAT
     state = load(path)
     return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
 
@@ -58,13 +59,10 @@ def load_model(path, backend: str = "numpy", dtype: str | None = None):
         model = nr.load_model("runs/digits-resnet20")          # resnet20, 10 classes, 1 input channel
         model = nr.load_model("resnet50-0676ba61.pth")         # torchvision's ResNet-50
     """
-    from . import models
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such run folder or weights file: {path}")
     if _is_training_checkpoint(path):
-        from .training import build_model, check_checkpoint, checkpoint_file
         path = checkpoint_file(path)
         state = load(path)
         check_checkpoint(state, path)
@@ -91,8 +89,6 @@ def load_classifier(weights, model_name: str | None = None, backend: str = "nump
 
 
 def _from_training_checkpoint(path, model_name, backend) -> Classifier:
-    from .training import build_model, check_checkpoint, checkpoint_file
-
     path = checkpoint_file(path)
     state = load(path)
     check_checkpoint(state, path)
@@ -108,7 +104,6 @@ def _from_training_checkpoint(path, model_name, backend) -> Classifier:
     model.load_state_dict(state["model"])
     model.eval()
     mean, std = np.asarray(state["mean"], np.float64), np.asarray(state["std"], np.float64)
-    from .data import eval_resize, transforms
     if config["dataset"] == "folder":       # the run's own evaluation transform: resize, central crop, normalise
         transform = transforms.eval_transform(eval_resize(shape[2]), shape[2], mean, std)
     else:                                   # the whole image at the dataset's size, normalised in float64
@@ -133,8 +128,6 @@ def _from_training_checkpoint(path, model_name, backend) -> Classifier:
 
 
 def _from_state_dict(path, model_name, backend) -> Classifier:
-    from . import models
-
     state = load_weights(path)
     found = identify(state)
     if model_name is None:

@@ -45,6 +45,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import backend as B
+from . import init
+from .data import AUGMENTATION, DataLoader, load_dataset
+from .io import atomic_write
+from .models.cifar import CIFAR_MODELS, PlainBlock
+from .models.resnet import BasicBlock, Bottleneck
+from .nn import Conv2d, CrossEntropyLoss, Linear, no_grad
+from .optim import SGD
 
 DEPTHS = (20, 32, 44, 56, 110)
 
@@ -141,9 +148,6 @@ def gradient_flow(model, x, y, criterion=None) -> GradientFlow:
     Gradients already held in ``p.grad`` are cleared first, so afterwards ``p.grad`` holds
     exactly this batch's gradients.  Each layer must run once per forward.
     """
-    from .models.cifar import PlainBlock
-    from .models.resnet import BasicBlock, Bottleneck
-    from .nn import Conv2d, CrossEntropyLoss, Linear
 
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, (Conv2d, Linear))]
     if not layers:
@@ -220,7 +224,6 @@ def _collect_rows(xp, modules, order, input_shapes, grad_norms, loss) -> Gradien
 # --- small file helpers -------------------------------------------------------------------------------
 
 def _write_text(path, text: str) -> None:
-    from .io import atomic_write
     atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
@@ -247,7 +250,6 @@ def _pyplot():
 
 
 def _save_figure(figure, path) -> None:
-    from .io import atomic_write
     atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=110))
 
 
@@ -271,7 +273,6 @@ def _one_blas_thread(backend):
 def _digits_loader(split, batch_size, *, subset=None, shuffle=False, augment=False, seed=0, backend="numpy",
                    dtype="float32"):
     """A loader over the embedded digits, normalised with the training split's mean and std."""
-    from .data import AUGMENTATION, DataLoader, load_dataset
     train = load_dataset("digits", "train")
     mean, std = train.channel_stats()
     data = train if split == "train" else load_dataset("digits", split)
@@ -284,8 +285,6 @@ def _digits_loader(split, batch_size, *, subset=None, shuffle=False, augment=Fal
 
 def _build(name, seed, backend="numpy", dtype="float32"):
     """A CIFAR net for 1-channel, 10-class digits, initialised from ``seed``."""
-    from . import init
-    from .models.cifar import CIFAR_MODELS
     if name not in CIFAR_MODELS:
         raise ValueError(f"unknown CIFAR model {name!r}; choose one of {', '.join(CIFAR_MODELS)}")
     init.manual_seed(seed)
@@ -444,7 +443,6 @@ class Budget:
 
 def _error_and_loss(model, loader, criterion):
     """Test error and mean loss in eval mode (host floats, one transfer)."""
-    from .nn import no_grad
     xp = model.xp
     wrong = xp.zeros((), dtype=xp.float64)
     loss_sum = xp.zeros((), dtype=xp.float64)
@@ -469,8 +467,6 @@ def train_curve(name: str, budget: Budget, log=print) -> list:
     ``train_error`` is measured during the epoch (training mode, augmented batches, the
     weights changing), as in the paper's curves; ``test_error`` in eval mode at its end.
     """
-    from .nn import CrossEntropyLoss
-    from .optim import SGD
     model = _build(name, budget.seed, budget.backend).train()
     xp = model.xp
     train = _digits_loader("train", budget.batch_size, subset=budget.subset, shuffle=True, augment=budget.augment,

@@ -10,6 +10,9 @@ import time
 
 import numpy as np
 
+import numres as nr
+
+from ..models import resnet
 from . import UsageError
 
 
@@ -23,9 +26,6 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    import numres as nr
-    from ..models import resnet
-
     builders = [name for name in resnet.__all__ if name[:1].islower()]
     if args.model not in builders:
         raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(builders)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from ..inference import classify, load_classifier
 from . import UsageError
 
 
@@ -27,8 +28,6 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from ..inference import classify, load_classifier
-
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     for path in args.images:

@@ -1,6 +1,9 @@
 """``numres summary MODEL [--input 1x3x224x224]``: per-layer output shape, parameters and multiply-accumulates."""
 from __future__ import annotations
 
+import numres
+
+from .. import models
 from ..summary import format_summary, summarize
 from . import UsageError
 
@@ -17,9 +20,6 @@ def parse_shape(text: str) -> tuple:
 
 
 def _builder(name: str):
-    import numres
-    from .. import models
-
     for namespace in (models, numres):
         builder = getattr(namespace, name, None)
         if not name.startswith("_") and name[:1].islower() and callable(builder) and not isinstance(builder, type):
@@ -29,8 +29,6 @@ def _builder(name: str):
 
 
 def _default_input(name: str) -> str:
-    from .. import models
-
     return "1x3x32x32" if name in getattr(models, "CIFAR_MODELS", {}) else "1x3x224x224"
 
 

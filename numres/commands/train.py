@@ -20,12 +20,14 @@ import re
 import shlex
 import subprocess
 import sys
+import traceback
 
 from .. import distributed as dist
+from ..blas import blas_threads
 from ..cpu_info import slow_blas_warning
 from ..training import (DEFAULT_LR, OPTIMIZERS, SCHEDULES, ConfigError, NonFiniteLossError, Trainer, TrainConfig,
                         checkpoint_file, model_names)
-from . import UsageError
+from . import UsageError, user_errors
 
 DEFAULTS = TrainConfig()
 RESUMABLE = ("epochs", "backend", "data_dir", "val_dir")
@@ -61,10 +63,10 @@ def add_arguments(parser):
     opt.add_argument("--lr", type=float, help="initial learning rate (default: "
                                               + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items()) + ")")
     opt.add_argument("--schedule", choices=SCHEDULES,
-                     help=f"lr schedule (torch.optim.lr_scheduler's): cosine (default), multistep (--milestones, "
-                          f"--gamma), step (--step-size, --gamma), exponential (lr x --gamma every epoch), onecycle "
-                          f"(stepped every batch, peak --lr, cycles SGD's momentum / Adam's beta1), plateau (lr x "
-                          f"--gamma after --patience epochs without a lower test loss)")
+                     help="lr schedule (torch.optim.lr_scheduler's): cosine (default), multistep (--milestones, "
+                          "--gamma), step (--step-size, --gamma), exponential (lr x --gamma every epoch), onecycle "
+                          "(stepped every batch, peak --lr, cycles SGD's momentum / Adam's beta1), plateau (lr x "
+                          "--gamma after --patience epochs without a lower test loss)")
     opt.add_argument("--milestones", type=int, nargs="+",
                      help="multistep: epochs at which lr is multiplied by --gamma (default: 50%% and 75%% of epochs)")
     opt.add_argument("--gamma", type=float, help="the factor of multistep, step and plateau (default: 0.1) and "
@@ -217,8 +219,6 @@ def _thread_count(requested: str):
 
 def _blas_threads(count, trainer):
     """A context setting NumPy's BLAS threads: the same with or without threadpoolctl (same numbers for a seed)."""
-    from ..blas import blas_threads
-
     if trainer.config.backend != "numpy":
         return contextlib.nullcontext()
     if count == "auto":
@@ -268,9 +268,7 @@ def run(args) -> int:
         if isinstance(exc, SystemExit) and not exc.code:
             raise
         if os.environ.get("NUMRES_DEBUG"):
-            import traceback
             traceback.print_exc()
-        from . import user_errors
         what = "" if isinstance(exc, user_errors()) else f"{type(exc).__name__}: "
         dist.abort(f"numres train: error: {what}{exc}")
 

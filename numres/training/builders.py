@@ -20,6 +20,7 @@ from ..optim.lr_scheduler import (CosineAnnealingLR, ExponentialLR, MultiStepLR,
 from .checkpoints import CHECKPOINT_FORMAT, checkpoint_file
 from .config import TrainConfig
 
+
 def model_names() -> list:
     return list(CIFAR_MODELS) + [name for name in resnet.__all__ if name[0].islower()]
 
@@ -144,6 +145,7 @@ def _start_from_weights(model, config, classes, resuming) -> str:
         trainable = sum(p.size for p in model.parameters() if p.requires_grad)
         note += f"; backbone frozen, {trainable:,} parameters train"
     return note
+
 
 def build_optimizer(parameters, config: TrainConfig):
     """SGD (momentum, nesterov) or Adam / AdamW (default betas and eps), with the run's lr and weight decay."""

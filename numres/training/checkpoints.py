@@ -54,7 +54,6 @@ def run_data_path(path, state, what="data_dir"):
                             f"does not exist (moved or deleted?); point the run at it with {option} DIR")
 
 
-
 def trainer_state(trainer) -> dict:
     """The checkpoint of ``trainer``: enough to evaluate the model, and to continue the run exactly."""
     mid_epoch = trainer.step_in_epoch > 0

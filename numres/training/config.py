@@ -22,7 +22,6 @@ class ConfigError(ValueError):
         self.field, self.detail = field, message
 
 
-
 @dataclass
 class TrainConfig:
     """Everything that defines a run (saved in its checkpoints).  Defaults: the README's digits run."""

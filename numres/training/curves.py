@@ -5,6 +5,7 @@ import math
 
 from ..io import atomic_write
 
+
 def write_curves(history, path) -> bool:
     """Loss and accuracy per epoch as a PNG; False (and nothing written) without matplotlib."""
     try:

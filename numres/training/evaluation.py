@@ -14,6 +14,7 @@ from ..nn import CrossEntropyLoss, no_grad
 from .builders import build_model
 from .checkpoints import check_checkpoint, checkpoint_file, run_data_path
 
+
 def evaluate_model(model, loader, num_classes, criterion=None, shard=False) -> dict:
     """Mean loss, accuracy and confusion matrix (rows: true class, columns: predicted) in eval mode.
 

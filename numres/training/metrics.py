@@ -13,7 +13,6 @@ METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_ac
                  "images_per_second")
 
 
-
 @dataclass
 class EpochTotals:
     """The running sums of the current epoch (saved in checkpoints, so a resumed epoch reports whole)."""

@@ -6,6 +6,7 @@ import numpy as np
 from .. import backend as B
 from ..nn import no_grad
 
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the first non-finite layer."""
 

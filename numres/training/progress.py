@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+
 def progress_bar(total, done, description, enabled):
     """A tqdm bar on stderr, or None when disabled or tqdm is not installed."""
     if not enabled:
