@@ -83,6 +83,39 @@ def test_matches_torch_float64(n, c, o, h, w, kernel, padding, dilation, groups,
     assert grads[1].transpose(2, 3, 1, 0).flags.c_contiguous
 
 
+STRIDED = [   # n, c, o, h, w, kernel, padding, dilation, groups, stride
+    (2, 3, 4, 7, 5, 3, 1, 1, 1, 2),            # odd sizes
+    (1, 4, 6, 9, 11, 3, (1, 2), (2, 1), 2, 2),
+    (3, 6, 6, 8, 9, (5, 3), (2, 0), 1, 3, (2, 1)),
+    (2, 8, 4, 1, 1, 1, 0, 1, 1, 2),            # 1x1 spatial
+    (2, 8, 4, 2, 2, 3, 1, 1, 2, 2),
+    (2, 4, 5, 11, 13, 1, 0, 1, 1, 2),          # the downsampling 1x1
+    (1, 3, 4, 16, 15, 7, 3, 1, 1, 2),          # the stem
+    (2, 4, 5, 12, 11, 3, 1, 1, 1, 3),
+    (2, 4, 5, 6, 6, (2, 4), 0, 1, 1, 2),
+]
+
+
+@pytest.mark.parametrize("n, c, o, h, w, kernel, padding, dilation, groups, stride", STRIDED)
+def test_strided_matches_torch_float64(n, c, o, h, w, kernel, padding, dilation, groups, stride, rng):
+    """Stride > 1 by the phase split: y, dx, dweight, dbias against PyTorch to 1e-10."""
+    kh, kw = im2col_conv.pair(kernel)
+    x = rng.standard_normal((n, c, h, w))
+    weight = rng.standard_normal((o, c // groups, kh, kw))
+    b = rng.standard_normal(o)
+    y, cache = implicit_conv2d_forward(channels_last(x), stored_weight(weight), b, stride, padding, dilation, groups)
+    dy = rng.standard_normal(y.shape)
+    tx = torch.tensor(x, requires_grad=True)
+    tw, tb = torch.tensor(weight, requires_grad=True), torch.tensor(b, requires_grad=True)
+    ty = torch.nn.functional.conv2d(tx, tw, tb, stride, padding, dilation, groups)
+    ty.backward(torch.tensor(dy))
+    for name, ours, ref in zip(("y", "dx", "dweight", "dbias"), (y,) + implicit_conv2d_backward(dy, cache),
+                               (ty, tx.grad, tw.grad, tb.grad)):
+        assert_close(ours, ref.detach().numpy(), "float64", f"stride {stride} {name}")
+    with pytest.raises(ValueError, match="rows"):
+        implicit_conv2d_forward(x, weight, b, 2, padding, dilation, groups, variant="rows")
+
+
 @pytest.mark.parametrize("variant", IG.VARIANTS)
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_row_splits_blocks_and_chunks(variant, workers, rng, monkeypatch):
@@ -147,8 +180,8 @@ def test_relu_in_the_output_pass(rng):
 
 def test_bad_input_is_named(rng):
     x, weight = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3))
-    with pytest.raises(ValueError, match="stride-1"):
-        implicit_conv2d_forward(x, weight, None, 2, 1)
+    with pytest.raises(ValueError, match="zero-padded"):
+        implicit_conv2d_forward(x, weight, None, 1, -2)
     with pytest.raises(ValueError, match="variant"):
         implicit_conv2d_forward(x, weight, None, 1, 1, variant="diagonal")
 
@@ -235,11 +268,11 @@ def test_dispatch_agrees_with_im2col_and_torch(padding, rng, restore_algorithm):
 
 
 def test_what_takes_im2col_under_implicit(rng, restore_algorithm):
-    """Stride 2, padding modes other than zeros, non-NumPy arrays and empty batches stay on im2col."""
+    """Padding modes other than zeros, non-NumPy arrays and empty batches stay on im2col (stride 2 does not)."""
     nr.functional.set_conv_algorithm("implicit")
     choose = nr.functional.choose_conv_algorithm
     assert choose((2, 4, 8, 8), (4, 4, 3, 3), 1, 1) == "implicit"
-    assert choose((2, 4, 8, 8), (4, 4, 3, 3), 2, 1) == "im2col"
+    assert choose((2, 4, 8, 8), (4, 4, 3, 3), 2, 1) == "implicit"
     assert choose((2, 4, 8, 8), (4, 4, 3, 3), 1, 1, padding_mode="reflect") == "im2col"
     assert choose((2, 4, 8, 8), (4, 4, 3, 3), 1, 1, xp=object()) == "im2col"
     assert choose((0, 4, 8, 8), (4, 4, 3, 3), 1, 1) == "im2col"
@@ -266,7 +299,7 @@ def test_auto_rule(restore_algorithm):
         assert choose((8, 3, 224, 224), (64, 3, 3, 3), 1, 1) == "im2col"         # K = 3
         assert choose((8, 128, 56, 56), (128, 4, 3, 3), 1, 1, groups=32) == "im2col"   # ResNeXt's 4 per group
         assert choose((8, 64, 56, 56), (64, 64, 1, 1), 1, 0) == "im2col"
-        assert choose((8, 64, 56, 56), (64, 64, 3, 3), 2, 1) == "im2col"
+        assert choose((8, 64, 56, 56), (64, 64, 3, 3), 2, 1) == "im2col"       # strided: measured no better
     with blas_threads(1):                                                         # Winograd's rule comes first
         assert choose((8, 64, 56, 56), (64, 64, 3, 3), 1, 1) == "winograd"
 
@@ -291,8 +324,10 @@ def test_benchmark_mode_times_every_candidate_and_records_the_choice(rng, restor
     (record,) = algorithms.measured_choices()
     assert record["choice"] == "implicit" and record["input"] == [2, 3, 7, 7] and set(record["seconds"]) == \
         {"im2col", "winograd", "implicit"}
-    _, cache = algorithms.conv2d_forward(x, weight, None, 2, 1)     # stride 2: one candidate, nothing timed
-    assert algorithms.algorithm_of(cache) == "im2col" and len(seen) == 1
+    _, cache = algorithms.conv2d_forward(x, weight, None, 2, 1)     # stride 2: im2col and implicit timed
+    assert algorithms.algorithm_of(cache) == "implicit" and len(seen) == 2 and set(seen[1]) == {"im2col", "implicit"}
+    _, cache = algorithms.conv2d_forward(x, weight, None, 1, 1, padding_mode="reflect")   # one candidate: not timed
+    assert algorithms.algorithm_of(cache) == "im2col" and len(seen) == 2
 
 
 def test_fallback_without_cblas_says_so_once(rng, restore_algorithm, monkeypatch):
@@ -338,8 +373,8 @@ def test_conv2d_module_gradcheck_under_implicit(rng, restore_algorithm):
 
 
 def test_resnet18_train_step_under_implicit_matches_torch(restore_algorithm, monkeypatch):
-    """ResNet-18, training mode, every stride-1 convolution on implicit GEMM: logits, dL/dx, every parameter
-    gradient and the BN buffers against PyTorch in float64 (1e-10), then one SGD step's weights."""
+    """ResNet-18, training mode, every convolution on implicit GEMM (strided ones by the phase split): logits,
+    dL/dx, every parameter gradient and the BN buffers against PyTorch in float64 (1e-10), then one SGD step."""
     import torch_reference as R
     from test_resnet import assert_all_below, batch, make_pair
     calls = []
@@ -349,7 +384,7 @@ def test_resnet18_train_step_under_implicit_matches_torch(restore_algorithm, mon
     model, reference = make_pair("resnet18", "float64", True, torch_dtype="float64")
     x, upstream = batch("float64")
     errors = R.model_parity(model, reference, x, upstream)
-    assert len(calls) == 13                    # every 3x3 stride-1 convolution of ResNet-18
+    assert len(calls) == 20                    # every convolution of ResNet-18
     assert_all_below(errors, TOL["float64"])
     optimizer = nr.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     torch_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -379,7 +414,7 @@ def test_folded_batchnorm_under_implicit(restore_algorithm):
                                  if isinstance(conv, nr.nn.Conv2d) and isinstance(conv.saved_cache(), FoldedConvCache))
 
     errors = R.model_parity(model, reference, x, upstream, after_forward=record)
-    assert folded_algorithms.count("implicit") == 13
+    assert folded_algorithms.count("implicit") == 20
     assert max(errors.values()) < TOL["float64"], max(errors.items(), key=lambda item: item[1])
     assert rel_err(model(x), unfolded) < 1e-12
 

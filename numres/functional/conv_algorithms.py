@@ -5,14 +5,14 @@
     nr.functional.set_conv_algorithm("im2col")     # every convolution: im2col + GEMM
     nr.functional.set_conv_algorithm("winograd")   # 3x3 stride-1 layers: Winograd F(2x2, 3x3)
     nr.functional.set_conv_algorithm("winograd", winograd_tile=4)   # ... or F(4x4, 3x3)
-    nr.functional.set_conv_algorithm("implicit")   # stride-1 layers: slab GEMMs, no patch matrix
+    nr.functional.set_conv_algorithm("implicit")   # zero-padded layers: slab GEMMs, no patch matrix
     nr.functional.set_conv_algorithm("auto")       # per layer shape, by the rule below (the default)
     with nr.functional.conv_algorithm("im2col"): ...                 # for one block of code
 
 Winograd computes only 3x3 kernels with stride 1, dilation 1, groups 1 and zero padding of at
 most 2; every other convolution takes the im2col path (:mod:`numres.functional.conv`), whatever
-the setting.  Implicit GEMM (:mod:`numres.functional.implicit_gemm`) computes stride-1 layers with
-zero padding, any kernel size, dilation and groups, by ``kh*kw`` GEMMs on slabs of the padded input
+the setting.  Implicit GEMM (:mod:`numres.functional.implicit_gemm`) computes layers with zero
+padding, any kernel size, stride, dilation and groups, by ``kh*kw`` GEMMs on slabs of the padded input
 through NumPy's own CBLAS; where NumPy's BLAS has no ``cblas_sgemm``/``cblas_dgemm`` numres says so
 once and uses im2col.  im2col stays the readable reference: all three are tested against PyTorch
 and against each other.  The choice is made in forward, and backward follows it (the cache says which).
@@ -30,7 +30,12 @@ relative to im2col::
     16 at 32, N=32    0.50 / 0.37         1x1 layers         1.00-1.02 / 0.89-1.09 (the same GEMM)
     32 at 16, N=32    0.74 / 0.67
 
-So "auto" takes it (:func:`auto_prefers_implicit`) for kernels larger than 1x1 with at least 16
+Strided layers (the padded input split into its stride x stride phases, each a stride-1 problem on a
+common grid) measured 0.95-1.08 / 0.72-0.91 of im2col's time at 56x56 with 64-128 channels, and
+1.1-1.35 at 28x28 and 14x14, 1x1 stride-2 and the 7x7 stem (3 channels); "auto" leaves them to
+im2col (``set_conv_algorithm("implicit")`` and benchmark mode do consider them).
+
+So "auto" takes it (:func:`auto_prefers_implicit`) for stride-1 kernels larger than 1x1 with at least 16
 channels in and out per group, where the padded grid has at most 15% more rows than the output,
 or at most 30% more with at most 64 channels (where im2col's copy weighs most).  Winograd's rule
 (one BLAS thread) is asked first.  These are one-thread measurements on a busy machine; two-thread
@@ -242,8 +247,8 @@ def choose_conv_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1
         if xp is np and current_blas_threads() == 1 and \
                 auto_prefers_winograd(x_shape[0], weight_shape[1], weight_shape[0], out_hw, get_winograd_tile()):
             return "winograd"
-    if "implicit" in candidates and auto_prefers_implicit(x_shape, weight_shape, candidates["implicit"], dilation,
-                                                          groups):
+    if "implicit" in candidates and im2col_conv.pair(stride, "stride", 1) == (1, 1) and \
+            auto_prefers_implicit(x_shape, weight_shape, candidates["implicit"], dilation, groups):
         return "implicit"
     return "im2col"
 

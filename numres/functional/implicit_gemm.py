@@ -1,4 +1,4 @@
-"""Implicit-GEMM convolution for stride-1 layers: no im2col, no col2im.
+"""Implicit-GEMM convolution: no im2col, no col2im.
 
 Reference: :func:`numres.functional.conv.conv2d_forward` / ``conv2d_backward`` (im2col + GEMM,
 whose math it keeps).  What changes is that no patch matrix is built.
@@ -37,9 +37,16 @@ Two ways to run the taps (``variant``):
   Larger ``K`` runs the GEMM nearer its peak and reads/writes ``Y`` ``kh`` times instead of
   ``kh*kw``; the price is the copies.
 
+Stride.  A stride-``s`` convolution reads padded pixel ``(s*oh + i*dh, s*ow + j*dw)``.  Split the
+padded input into its ``sh*sw`` phases (phase ``(a, b)`` holds the pixels at ``(a + sh*q, b + sw*u)``),
+each laid on the same ``Hq x Wq = ceil(Hp/sh) x ceil(Wp/sw)`` grid, one phase after another in
+one row matrix.  Tap ``(i, j)`` then reads phase ``(i*dh mod sh, j*dw mod sw)`` shifted by
+``(i*dh // sh, j*dw // sw)``: again a slab, at a constant offset, and the same GEMMs run on it
+(:func:`geometry`).  The phase split is one copy of the input (im2col's patch matrix for a 3x3
+stride-2 layer is 2.25 times the input).  ``variant="rows"`` is stride 1 only.
+
 Which is faster depends on the layer (:mod:`numres.functional.conv_algorithms` chooses, and
-docs/implicit_gemm.md has the measurements).  Stride 2 and padding modes other than zeros stay
-with im2col.
+docs/implicit_gemm.md has the measurements).  Padding modes other than zeros stay with im2col.
 """
 from __future__ import annotations
 
@@ -65,6 +72,7 @@ class ImplicitCache(NamedTuple):
     groups: int
     has_bias: bool
     variant: str          # "taps" or "rows"
+    stride: tuple = (1, 1)
 
 
 def implicit_available(dtype=np.float32) -> bool:
@@ -73,13 +81,16 @@ def implicit_available(dtype=np.float32) -> bool:
     return gemm is not None and gemm.function(np.dtype(dtype)) is not None
 
 
-def implicit_pads(x_shape, weight_shape, stride, padding, dilation, groups, padding_mode="zeros"):
+def implicit_pads(x_shape, weight_shape, stride, padding, dilation, groups, padding_mode="zeros", *,
+                  allow_stride=True):
     """The ``((top, bottom), (left, right))`` zero padding when the implicit path can compute this
-    convolution (stride 1, zero padding, a non-empty 4-D batch), else None.  ``padding`` is anything
-    conv2d takes (an int, a pair, "same", "valid") or already ``((top, bottom), (left, right))``."""
+    convolution (zero padding, a non-empty 4-D batch; stride 1 unless ``allow_stride``), else None.
+    ``padding`` is anything conv2d takes (an int, a pair, "same", "valid") or already
+    ``((top, bottom), (left, right))``."""
     try:
         stride, dilation = pair(stride, "stride", 1), pair(dilation, "dilation", 1)
-        if padding_mode != "zeros" or stride != (1, 1) or len(x_shape) != 4 or x_shape[0] == 0:
+        if padding_mode != "zeros" or len(x_shape) != 4 or x_shape[0] == 0 or \
+                (stride != (1, 1) and not allow_stride):
             return None
         if isinstance(padding, (tuple, list)) and len(padding) == 2 and all(
                 isinstance(side, (tuple, list)) for side in padding):
@@ -249,40 +260,120 @@ def _chunks(n, per_image):
     return [slice(start, min(start + images, n)) for start in range(0, n, images)]
 
 
+# --- the grid's geometry, stride included -----------------------------------------------------------
+
+class Geometry(NamedTuple):
+    """Where a convolution's taps read, on the (phase-split) padded grid."""
+    padded: tuple         # (Hp, Wp)
+    grid: tuple           # (Hq, Wq) = (ceil(Hp / sh), ceil(Wp / sw)): one phase of the padded input
+    out_hw: tuple         # (OH, OW)
+    phases: int           # sh * sw
+    rows: int             # N * Hq * Wq: rows of one phase (and of the output grid)
+    m: int                # one past the last valid output row
+    offsets: tuple        # per tap (i, j): its first input row in the phase-major row matrix
+
+
+def geometry(x_shape, kernel, stride, pads, dilation) -> Geometry:
+    """Stride ``s``: tap ``(i, j)`` at padded offset ``(t_h, t_w) = (i*dh, j*dw)`` reads phase
+    ``(t_h mod sh, t_w mod sw)`` of the padded input, shifted by ``(t_h // sh, t_w // sw)``; every
+    phase is laid on the same ``Hq x Wq`` grid, so output row ``r`` reads row ``r + shift`` of the
+    tap's phase.  Stride 1 has one phase, the padded input itself."""
+    n, _, h, w = x_shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    (top, bottom), (left, right) = pads
+    hp, wp = h + top + bottom, w + left + right
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    hq, wq = -(-hp // sh), -(-wp // sw)
+    rows = n * hq * wq
+    offsets = tuple(((i * dh % sh) * sw + j * dw % sw) * rows + (i * dh // sh) * wq + j * dw // sw
+                    for i in range(kh) for j in range(kw))
+    m = (n - 1) * hq * wq + (oh - 1) * wq + ow
+    return Geometry((hp, wp), (hq, wq), (oh, ow), sh * sw, rows, m, offsets)
+
+
+def _phase_slices(size, before, stride, phase, length):
+    """For one phase of one axis: ``(q0, x0, count)``: phase positions ``q0 .. q0+count`` hold input
+    positions ``x0, x0 + stride, ...`` (padded position ``phase + stride*q`` is input ``... - before``)."""
+    q0 = max(0, -(-(before - phase) // stride))
+    x0 = phase + stride * q0 - before
+    count = 0 if x0 >= size else min(length - q0, -(-(size - x0) // stride))
+    return q0, x0, max(0, count)
+
+
+def phase_rows(x, pads, stride, geo: Geometry):
+    """The padded input split into its ``sh*sw`` phases, each on the ``Hq x Wq`` grid (zeros where
+    the phase runs past the padded input): ``(sh*sw*N*Hq*Wq, C)``.  Stride 1: :func:`pad_rows`."""
+    if stride == (1, 1):
+        return pad_rows(x, pads).reshape(geo.rows, x.shape[1])
+    (top, _), (left, _) = pads
+    n, c, h, w = x.shape
+    sh, sw = stride
+    hq, wq = geo.grid
+    x_nhwc = x.transpose(0, 2, 3, 1)
+    phases = np.zeros((sh, sw, n, hq, wq, c), dtype=x.dtype)
+    for a in range(sh):
+        q0, x0, nq = _phase_slices(h, top, sh, a, hq)
+        for b in range(sw):
+            u0, y0, nu = _phase_slices(w, left, sw, b, wq)
+            if nq and nu:
+                phases[a, b, :, q0:q0 + nq, u0:u0 + nu] = x_nhwc[:, x0::sh, y0::sw][:, :nq, :nu]
+    return phases.reshape(sh * sw * geo.rows, c)
+
+
+def unphase_rows(phase_grad, x_shape, pads, stride, geo: Geometry):
+    """dL/dx (N, H, W, C), contiguous, from the gradient of :func:`phase_rows`'s output (each input
+    pixel sits in one phase, at one place)."""
+    n, c, h, w = x_shape
+    (top, _), (left, _) = pads
+    if stride == (1, 1):
+        grid = phase_grad.reshape(n, geo.padded[0], geo.padded[1], c)
+        return grid if geo.padded == (h, w) else crop_rows(grid, (h, w), origin=(top, left))
+    sh, sw = stride
+    hq, wq = geo.grid
+    phases = phase_grad.reshape(sh, sw, n, hq, wq, c)
+    dx = np.empty((n, h, w, c), dtype=phase_grad.dtype)
+    for a in range(sh):
+        q0, x0, nq = _phase_slices(h, top, sh, a, hq)
+        for b in range(sw):
+            u0, y0, nu = _phase_slices(w, left, sw, b, wq)
+            if nq and nu:
+                dx[:, x0::sh, y0::sw][:, :nq, :nu] = phases[a, b, :, q0:q0 + nq, u0:u0 + nu]
+    return dx
+
+
 # --- forward -----------------------------------------------------------------------------------------
 
 def implicit_conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, relu=False,
                             variant="taps"):
-    """``y = conv2d(x, weight) + bias`` by slab GEMMs -> ``(y, cache)``; stride 1, zero padding only.
+    """``y = conv2d(x, weight) + bias`` by slab GEMMs -> ``(y, cache)``; zero padding only, and stride 1
+    for ``variant="rows"``.
 
     ``y`` is (N, O, OH, OW), stored channels-last; ``relu=True`` returns ``max(y, 0)``, applied in
-    the pass that reads the output window off the padded grid.
+    the pass that reads the output window off the grid.
     """
     if variant not in VARIANTS:
         raise ValueError(f"implicit-GEMM variant must be one of {VARIANTS}, got {variant!r}")
-    pads = implicit_pads(x.shape, weight.shape, stride, padding, dilation, groups)
+    stride_pair = pair(stride, "stride", 1)
+    pads = implicit_pads(x.shape, weight.shape, stride, padding, dilation, groups, allow_stride=variant == "taps")
     if pads is None:
-        raise ValueError("the implicit-GEMM path computes stride-1, zero-padded convolutions of a non-empty "
-                         f"4-D batch; got input {tuple(x.shape)}, weight {tuple(weight.shape)}, stride {stride}, "
-                         f"padding {padding}, dilation {dilation}")
+        raise ValueError("the implicit-GEMM path computes zero-padded convolutions of a non-empty 4-D batch "
+                         f"(stride 1 for variant='rows'); got input {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+                         f"stride {stride}, padding {padding}, dilation {dilation}, variant {variant!r}")
     gemm = _gemm(x.dtype)
     dh, dw = pair(dilation, "dilation", 1)
     out_channels, cg, kh, kw = weight.shape
     og = out_channels // groups
     n, c, h, w = x.shape
-    (top, bottom), (left, right) = pads
-    hp, wp = h + top + bottom, w + left + right
-    oh, ow = hp - dh * (kh - 1), wp - dw * (kw - 1)
-    grid = pad_rows(x, pads)                                   # (n, hp, wp, c)
+    geo = geometry(x.shape, (kh, kw), stride_pair, pads, (dh, dw))
+    hq, wq = geo.grid
+    oh, ow = geo.out_hw
     stored = np.ascontiguousarray(weight.transpose(2, 3, 1, 0))   # (kh, kw, cg, O)
-    out = np.empty((n, hp, wp, out_channels), dtype=x.dtype)
+    out = np.empty((n, hq, wq, out_channels), dtype=x.dtype)
     size = x.dtype.itemsize
-    per_image = hp * wp
     w_ptr, o_ptr = stored.ctypes.data, out.ctypes.data
     if variant == "taps":
-        m = (n - 1) * per_image + (oh - 1) * wp + ow
-        g_ptr = grid.ctypes.data
-        offsets = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+        grid = phase_rows(x, pads, stride_pair, geo)
+        g_ptr, offsets = grid.ctypes.data, geo.offsets
 
         def rows(lo, hi, block):
             for a in range(lo, hi, block):
@@ -293,22 +384,24 @@ def implicit_conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=
                              w_ptr + (tap * cg * out_channels + g * og) * size, out_channels,
                              0.0 if tap == 0 else 1.0, o_ptr + (a * out_channels + g * og) * size, out_channels)
 
-        split_rows(m, rows, max(64, BLOCK_ELEMENTS // out_channels))
+        split_rows(geo.m, rows, max(64, BLOCK_ELEMENTS // out_channels))
     else:
-        rows_of = grid.reshape(n * per_image, c)
+        rows_of = pad_rows(x, pads).reshape(geo.rows, c)
+        per_image = hq * wq
         for images in _chunks(n, per_image * kw * c):
             r0, count = images.start * per_image, images.stop - images.start
             q = _width_copies(rows_of[r0:r0 + count * per_image], kw, dw, groups, 1)
-            m = (count - 1) * per_image + (oh - 1) * wp + ow
+            m = (count - 1) * per_image + (oh - 1) * wq + ow
             q_ptr, k = q.ctypes.data, kw * cg
             for i in range(kh):
-                offset = i * dh * wp
+                offset = i * dh * wq
                 for g in range(groups):
                     gemm(_ROW, _N, _N, m, og, k, 1.0, q_ptr + (offset * kw * c + g * k) * size, kw * c,
                          w_ptr + (i * kw * cg * out_channels + g * og) * size, out_channels,
                          0.0 if i == 0 else 1.0, o_ptr + (r0 * out_channels + g * og) * size, out_channels)
-    y = out if (oh, ow) == (hp, wp) and bias is None and not relu else crop_rows(out, (oh, ow), bias, relu)
-    cache = ImplicitCache(x, weight, tuple(x.shape), (oh, ow), pads, (dh, dw), groups, bias is not None, variant)
+    y = out if (oh, ow) == (hq, wq) and bias is None and not relu else crop_rows(out, (oh, ow), bias, relu)
+    cache = ImplicitCache(x, weight, tuple(x.shape), (oh, ow), pads, (dh, dw), groups, bias is not None, variant,
+                          stride_pair)
     return y.transpose(0, 3, 1, 2), cache
 
 
@@ -323,30 +416,29 @@ def implicit_conv2d_backward(dy, cache: ImplicitCache, need_input_grad=True, *, 
     """
     need_bias_grad = need_weight_grad if need_bias_grad is None else need_bias_grad
     gemm = _gemm(dy.dtype)
-    weight, groups, variant = cache.weight, cache.groups, cache.variant
+    weight, groups, variant, stride = cache.weight, cache.groups, cache.variant, cache.stride
     out_channels, cg, kh, kw = weight.shape
     og = out_channels // groups
     n, c, h, w = cache.x_shape
-    (top, bottom), (left, right) = cache.pads
     dh, dw = cache.dilation
-    oh, ow = cache.out_hw
-    hp, wp = h + top + bottom, w + left + right
-    per_image = hp * wp
+    geo = geometry(cache.x_shape, (kh, kw), stride, cache.pads, cache.dilation)
+    hq, wq = geo.grid
+    oh, ow = geo.out_hw
+    per_image = hq * wq
+    m = geo.m
     size = dy.dtype.itemsize
     dbias = dy.sum(axis=(0, 2, 3)) if cache.has_bias and need_bias_grad else None
     if not (need_input_grad or need_weight_grad):
         return None, None, dbias
-    dgrid = grid_gradient(dy, hp, wp)                                 # (n, hp, wp, O)
+    dgrid = grid_gradient(dy, hq, wq)                                 # (n, hq, wq, O), zero outside the window
     d_ptr = dgrid.ctypes.data
     dweight = dx = None
     if need_weight_grad:
-        grid = pad_rows(cache.x, cache.pads)
         dstored = np.empty((kh, kw, cg, out_channels), dtype=dy.dtype)
         dw_ptr = dstored.ctypes.data
         if variant == "taps":
-            m = (n - 1) * per_image + (oh - 1) * wp + ow
-            g_ptr = grid.ctypes.data
-            offsets = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+            grid = phase_rows(cache.x, cache.pads, stride, geo)
+            g_ptr, offsets = grid.ctypes.data, geo.offsets
             partials = {}
 
             def pixels(lo, hi, block):
@@ -367,68 +459,64 @@ def implicit_conv2d_backward(dy, cache: ImplicitCache, need_input_grad=True, *, 
             for lo in sorted(partials):                 # a fixed order: the sum does not depend on timing
                 dstored += partials[lo]
         else:
-            rows_of = grid.reshape(n * per_image, c)
+            grid = pad_rows(cache.x, cache.pads)
+            rows_of = grid.reshape(geo.rows, c)
             k = kw * cg
             for index, images in enumerate(_chunks(n, per_image * kw * c)):
                 r0, count = images.start * per_image, images.stop - images.start
                 q = _width_copies(rows_of[r0:r0 + count * per_image], kw, dw, groups, 1)
-                m = (count - 1) * per_image + (oh - 1) * wp + ow
+                mc = (count - 1) * per_image + (oh - 1) * wq + ow
                 q_ptr = q.ctypes.data
                 for i in range(kh):
                     for g in range(groups):
-                        gemm(_ROW, _T, _N, k, og, m, 1.0, q_ptr + (i * dh * wp * kw * c + g * k) * size, kw * c,
+                        gemm(_ROW, _T, _N, k, og, mc, 1.0, q_ptr + (i * dh * wq * kw * c + g * k) * size, kw * c,
                              d_ptr + (r0 * out_channels + g * og) * size, out_channels,
                              0.0 if index == 0 else 1.0,
                              dw_ptr + (i * kw * cg * out_channels + g * og) * size, out_channels)
         dweight = dstored.transpose(3, 2, 0, 1)
         del grid                                  # the padded input is not needed for dx: lower peak memory
     if need_input_grad:
-        rows = n * per_image
-        dgrid_x = np.empty((n, hp, wp, c), dtype=dy.dtype)
+        total = geo.phases * geo.rows
+        dgrid_x = np.empty((total, c), dtype=dy.dtype)
         x_ptr = dgrid_x.ctypes.data
         stored = np.ascontiguousarray(weight.transpose(2, 3, 1, 0))    # (kh, kw, cg, O)
         if variant == "taps":
-            m = (n - 1) * per_image + (oh - 1) * wp + ow
-            w_ptr = stored.ctypes.data
-            offsets = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
-            flat = dgrid_x.reshape(rows, c)
+            w_ptr, offsets = stored.ctypes.data, geo.offsets
 
             def input_rows(lo, hi, block):
                 # dP[a:b] = sum over taps of dYp[a - off : b - off] @ W_ij^T, the dYp rows clipped to [0, m).
                 for a in range(lo, hi, block):
                     b = min(a + block, hi)
+                    spans = [(tap, offset, max(a - offset, 0), min(b - offset, m)) for tap, offset in enumerate(offsets)]
+                    spans = [span for span in spans if span[3] > span[2]]
                     beta = 0.0
-                    if b > m:                                  # tap (0, 0) does not cover the block: clear it
-                        flat[a:b] = 0
+                    if not spans or spans[0][2] + spans[0][1] > a or spans[0][3] + spans[0][1] < b:
+                        dgrid_x[a:b] = 0                   # no tap, or the first one, covers the whole block
                         beta = 1.0
-                    for tap, offset in enumerate(offsets):
-                        s0, s1 = max(a - offset, 0), min(b - offset, m)
-                        if s1 <= s0:
-                            continue
+                    for tap, offset, s0, s1 in spans:
                         for g in range(groups):
                             gemm(_ROW, _N, _T, s1 - s0, cg, og, 1.0, d_ptr + (s0 * out_channels + g * og) * size,
                                  out_channels, w_ptr + (tap * cg * out_channels + g * og) * size, out_channels,
                                  beta, x_ptr + ((s0 + offset) * c + g * cg) * size, c)
                         beta = 1.0
 
-            split_rows(rows, input_rows, max(64, BLOCK_ELEMENTS // c))
+            split_rows(total, input_rows, max(64, BLOCK_ELEMENTS // c))
         else:
             # dP[r] = sum_i Qd[r - i*dh*Wp] @ Wt_i, Qd[r] = (dYp[r], dYp[r-dw], ...), Wt_i[(j, o), c] = W[i, j, c, o].
             turned = np.ascontiguousarray(
                 stored.reshape(kh, kw, cg, groups, og).transpose(0, 3, 1, 4, 2))   # (kh, groups, kw, og, cg)
             t_ptr, k = turned.ctypes.data, kw * og
-            drows = dgrid.reshape(rows, out_channels)
+            drows = dgrid.reshape(geo.rows, out_channels)
             for images in _chunks(n, per_image * kw * out_channels):
                 r0, count = images.start * per_image, images.stop - images.start
                 chunk_rows = count * per_image
                 qd = _width_copies(drows[r0:r0 + chunk_rows], kw, dw, groups, -1)
                 q_ptr = qd.ctypes.data
                 for i in range(kh):
-                    offset = i * dh * wp
+                    offset = i * dh * wq
                     for g in range(groups):
                         gemm(_ROW, _N, _N, chunk_rows - offset, cg, k, 1.0, q_ptr + g * k * size, kw * out_channels,
                              t_ptr + ((i * groups + g) * k * cg) * size, cg, 0.0 if i == 0 else 1.0,
                              x_ptr + ((r0 + offset) * c + g * cg) * size, c)
-        dx = dgrid_x if (hp, wp) == (h, w) else crop_rows(dgrid_x, (h, w), origin=(top, left))
-        dx = dx.transpose(0, 3, 1, 2)
+        dx = unphase_rows(dgrid_x, cache.x_shape, cache.pads, stride, geo).transpose(0, 3, 1, 2)
     return dx, dweight, dbias
