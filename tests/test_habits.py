@@ -388,8 +388,6 @@ def test_unbatched_image_through_resnet_matches_torch():
 def test_unbatched_image_through_cifar_net_matches_torch():
     from numres.models.cifar import CifarResNet
     from test_cifar_models import TorchCifarNet
-    if not getattr(CifarResNet, "accepts_unbatched", False):
-        pytest.xfail("numres/models/cifar.py: CifarResNet needs `accepts_unbatched = True` (owned elsewhere)")
     rng = np.random.default_rng(1)
     torch.manual_seed(0)
     reference = TorchCifarNet(1, 7, 3, True).double().eval()

@@ -84,7 +84,11 @@ class PlainBlock(BasicBlock):
 
 
 class CifarResNet(Module):
-    """``6n + 2`` layers: stem conv 16, stages of ``n`` blocks with 16/32/64 filters, average pool, fc."""
+    """``6n + 2`` layers: stem conv 16, stages of ``n`` blocks with 16/32/64 filters, average pool, fc.
+
+    Takes ``(N, C, H, W)`` batches or one unbatched ``(C, H, W)`` image, as PyTorch models do."""
+
+    accepts_unbatched = True
 
     def __init__(self, n, num_classes=10, in_channels=3, shortcuts=True, *, backend="numpy", dtype="float32"):
         super().__init__(backend=backend, dtype=dtype)
