@@ -393,39 +393,40 @@ def time_3x3_algorithms(model, layers, repeats):
         row = {"layer": layer["layer"], "shape": f"{key[0][1]}->{key[1][0]} @{key[0][2]}x{key[0][3]} "
                                                  f"s{key[2][0]} g{conv.groups} N{key[0][0]}",
                "auto": layer["algorithm"], "ms": {}}
-        dy = None
+        dy, runs = None, {}
         for label, algorithm, tile in candidates:
-            with CA.conv_algorithm(algorithm, winograd_tile=tile):
-                forward = lambda: CA.conv2d_forward(x, weight, None, stride, padding, conv.dilation,  # noqa: E731
-                                                    conv.groups)
-                y, cache = forward()
-                if dy is None:
-                    dy = np.ascontiguousarray(rng.standard_normal(
-                        (y.shape[0], y.shape[2], y.shape[3], y.shape[1])).astype(np.float32)).transpose(0, 3, 1, 2)
-                CA.conv2d_backward(dy, cache)                        # warm-up
-                forward_s, backward_s = [], []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    y, cache = forward()
-                    forward_s.append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    CA.conv2d_backward(dy, cache)
-                    backward_s.append(time.perf_counter() - start)
-            row["ms"][label] = {"forward": median_ms(forward_s), "backward": median_ms(backward_s)}
+            def forward(algorithm=algorithm, tile=tile):
+                with CA.conv_algorithm(algorithm, winograd_tile=tile):
+                    return CA.conv2d_forward(x, weight, None, stride, padding, conv.dilation, conv.groups)
+            y, cache = forward()
+            if dy is None:
+                dy = np.ascontiguousarray(rng.standard_normal(
+                    (y.shape[0], y.shape[2], y.shape[3], y.shape[1])).astype(np.float32)).transpose(0, 3, 1, 2)
+            CA.conv2d_backward(dy, cache)                            # warm-up
+            runs[label] = forward
         xt = torch.from_numpy(x).requires_grad_(True)
         wt = torch.from_numpy(np.ascontiguousarray(nr.to_numpy(weight))).requires_grad_(True)
         dyt = torch.from_numpy(np.ascontiguousarray(dy))
-        forward_s, backward_s = [], []
-        for index in range(repeats + 1):
-            start = time.perf_counter()
-            yt = torch.nn.functional.conv2d(xt, wt, None, stride, padding, conv.dilation, conv.groups)
-            middle = time.perf_counter()
+
+        def torch_backward(yt):
+            xt.grad = wt.grad = None
             yt.backward(dyt)
-            end = time.perf_counter()
-            if index:
-                forward_s.append(middle - start)
-                backward_s.append(end - middle)
-        row["ms"]["PyTorch"] = {"forward": median_ms(forward_s), "backward": median_ms(backward_s)}
+
+        steps = {label: (forward, lambda result: CA.conv2d_backward(dy, result[1])) for label, forward in runs.items()}
+        steps["PyTorch"] = (lambda: torch.nn.functional.conv2d(xt, wt, None, stride, padding, conv.dilation,
+                                                               conv.groups), torch_backward)
+        torch_backward(steps["PyTorch"][0]())                        # warm-up
+        times = {label: ([], []) for label in steps}
+        for _ in range(repeats):                                     # interleaved: noise hits every algorithm alike
+            for label, (forward, backward) in steps.items():
+                start = time.perf_counter()
+                result = forward()
+                middle = time.perf_counter()
+                backward(result)
+                times[label][0].append(middle - start)
+                times[label][1].append(time.perf_counter() - middle)
+        for label, (forward_s, backward_s) in times.items():
+            row["ms"][label] = {"forward": median_ms(forward_s), "backward": median_ms(backward_s)}
         rows.append(row)
     return rows
 
