@@ -205,3 +205,10 @@ def test_forward_and_backward_in_different_modes_is_a_clear_error(forward_in_mod
     with nr.reference_mode(not forward_in_mode):
         with pytest.raises(RuntimeError, match="forward ran (inside|outside) numres.reference_mode"):
             conv.backward(np.ones_like(y))
+
+
+def test_sync_batchnorm_says_it_has_no_textbook_version():
+    layer = nr.nn.SyncBatchNorm(3, dtype="float64")
+    with nr.reference_mode():
+        with pytest.raises(NotImplementedError, match="SyncBatchNorm has no textbook version"):
+            layer(np.zeros((2, 3, 2, 2)))

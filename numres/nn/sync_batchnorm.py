@@ -37,6 +37,7 @@ from .. import distributed as dist
 from ..functional.batchnorm import _moments, _normalise, batchnorm_backward, batchnorm_eval_forward
 from ..functional.layout import channel_rows, rows_as_nchw
 from .batchnorm import BatchNorm2d
+from ..config import is_reference_mode
 from .module import Module
 
 
@@ -52,6 +53,10 @@ class SyncBatchNorm(BatchNorm2d):
     # --- forward --------------------------------------------------------------------------------------
 
     def forward(self, x, relu=False):
+        if is_reference_mode():
+            raise NotImplementedError("SyncBatchNorm has no textbook version (its statistics come from an "
+                                      "allreduce): numres.reference_mode() runs single-process models, with "
+                                      "BatchNorm2d")
         self.check_input(x, ndim=4, channels=self.num_features)
         weight = None if self.weight is None else self.weight.data
         bias = None if self.bias is None else self.bias.data
