@@ -34,10 +34,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import distributed as dist
+from ..config import is_reference_mode
 from ..functional.batchnorm import _moments, _normalise, batchnorm_backward, batchnorm_eval_forward
 from ..functional.layout import channel_rows, rows_as_nchw
 from .batchnorm import BatchNorm2d
-from ..config import is_reference_mode
 from .module import Module
 
 
