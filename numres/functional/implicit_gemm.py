@@ -487,7 +487,8 @@ def implicit_conv2d_backward(dy, cache: ImplicitCache, need_input_grad=True, *, 
                 # dP[a:b] = sum over taps of dYp[a - off : b - off] @ W_ij^T, the dYp rows clipped to [0, m).
                 for a in range(lo, hi, block):
                     b = min(a + block, hi)
-                    spans = [(tap, offset, max(a - offset, 0), min(b - offset, m)) for tap, offset in enumerate(offsets)]
+                    spans = [(tap, offset, max(a - offset, 0), min(b - offset, m))
+                             for tap, offset in enumerate(offsets)]
                     spans = [span for span in spans if span[3] > span[2]]
                     beta = 0.0
                     if not spans or spans[0][2] + spans[0][1] > a or spans[0][3] + spans[0][1] < b:
