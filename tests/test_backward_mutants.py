@@ -153,3 +153,26 @@ def test_folded_conv_bn_backward_with_frozen_parameters(frozen, bias):
     if frozen == "conv":
         _close(bn.weight.grad, tdg, "bn weight")
         _close(bn.bias.grad, tdb, "bn bias")
+
+
+# --- winograd_conv2d_backward -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workspace, chunks", [(256, [1, 1, 1, 1, 1]), (2048, [2, 2, 1])])
+def test_winograd_conv2d_backward_chunks_from_a_small_workspace(monkeypatch, workspace, chunks):
+    """The chunk size that images_per_chunk derives from a small workspace (not a patched images_per_chunk):
+    5 images of 4x4 F(2,3) tiles, a*a*tiles*max(C, O) = 16*16*4 = 1024 elements each."""
+    from numres.functional import winograd as W
+    monkeypatch.setattr(W, "WORKSPACE_ELEMENTS", workspace)
+    monkeypatch.setattr(W, "TRANSFORM_TILE_ELEMENTS", 1)
+    step = W.images_per_chunk(5, 1024)
+    assert [min(step, 5 - start) for start in range(0, 5, step)] == chunks
+    rng = np.random.default_rng(43)
+    x, weight, bias = rng.standard_normal((5, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    y, cache = W.winograd_conv2d_forward(x, weight, bias, padding=1, tile=2)
+    dy = rng.standard_normal(y.shape)
+    dx, dweight, dbias = W.winograd_conv2d_backward(dy, cache)
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, weight, bias))
+    TF.conv2d(tx, tw, tb, padding=1).backward(torch.tensor(dy))
+    _close(dx, tx.grad, "dx")
+    _close(dweight, tw.grad, "dweight")
+    _close(dbias, tb.grad, "dbias")
