@@ -157,6 +157,8 @@ EQUIVALENT_RULES += [
      "step = images_per_chunk(n, a * a * tiles_h * tiles_w * max(c, o), xp)", _WORK_SIZE),
     (_W, "winograd_conv2d_backward", "compare", "n > step", "n >= step", "part = xp.empty_like(du) if n > step",
      "allocates the scratch 'part' also when one chunk holds every image; it is never used then"),
+    (_W, "output_tile_gradients", "slice", "1:3", "1:4", "tiles_h, tiles_w = tile_grid(dy_nhwc.shape[1:3], m)",
+     "tile_grid reads only the first two sizes it is given, (OH, OW); the third, O, is ignored"),
     (_W, "output_tile_gradients", "drop-term", ("a * a * tiles_w * o", "a * a * tiles_w", "a * a"), None,
      "map_tiles(transform, count * tiles_h, a * a * tiles_w * o, xp, TRANSFORM_TILE_ELEMENTS)", _WORK_SIZE),
 ]

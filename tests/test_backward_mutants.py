@@ -176,3 +176,24 @@ def test_winograd_conv2d_backward_chunks_from_a_small_workspace(monkeypatch, wor
     _close(dx, tx.grad, "dx")
     _close(dweight, tw.grad, "dweight")
     _close(dbias, tb.grad, "dbias")
+
+
+# --- conv2d_backward (the dispatch by algorithm) -------------------------------------------------------------
+
+@pytest.mark.parametrize("algorithm", ["im2col", "winograd", "implicit"])
+def test_conv2d_backward_follows_the_forward_algorithm(algorithm):
+    """numres.functional.conv_algorithms.conv2d_backward hands each cache to its own algorithm's backward; the
+    gradients against autograd for each algorithm chosen explicitly (a 3x3 stride-1 layer all three take)."""
+    from numres.functional import conv_algorithms as A
+    rng = np.random.default_rng(44)
+    x, weight, bias = rng.standard_normal((2, 3, 9, 8)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    with A.conv_algorithm(algorithm):
+        y, cache = A.conv2d_forward(x, weight, bias, 1, 1)
+    assert A.algorithm_of(cache) == algorithm
+    dy = rng.standard_normal(y.shape)
+    dx, dweight, dbias = A.conv2d_backward(dy, cache)
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, weight, bias))
+    TF.conv2d(tx, tw, tb, padding=1).backward(torch.tensor(dy))
+    _close(dx, tx.grad, "dx")
+    _close(dweight, tw.grad, "dweight")
+    _close(dbias, tb.grad, "dbias")
