@@ -18,74 +18,30 @@ once and uses im2col.  im2col stays the readable reference: all three are tested
 and against each other.  The choice is made in forward, and backward follows it (the cache says which).
 
 Implicit GEMM in "auto".  It saves im2col's copy (9x the input for a 3x3 kernel) and col2im's
-scatter-add, but computes the output on the padded grid, ``Hp*Wp`` rows for ``OH*OW`` wanted (1.07x
-at 56x56, 1.15x at 28x28, 1.31x at 14x14, 1.65x at 7x7), and its GEMMs have ``K = C`` instead of
-``9C``.  Measured (CPU time of one thread, AMD EPYC with AVX-512, OpenBLAS SkylakeX kernel, float32,
-median of 6 interleaved runs on a machine shared with other jobs, so +-10-20%), forward / backward
-relative to im2col::
+scatter-add, but computes the output on a grid with padding columns and lines, ``Hq*Wq`` rows
+for ``OH*OW`` wanted (neighbouring lines and images share their padding: 1.04x at 56x56, 1.07x at
+28x28, 1.15x at 14x14, 1.31x at 7x7 for a 3x3 "same" layer), and its GEMMs have ``K = C`` instead
+of ``9C``.  Measured (AMD EPYC with AVX-512, OpenBLAS SkylakeX kernel, float32, batch 8, medians
+of 6 interleaved runs on a machine shared with other jobs), forward / backward relative to im2col:
 
-    64 at 56, N=8     0.63 / 0.65         256 at 14, N=8     1.22 / 1.23
-    128 at 28, N=8    1.02 / 0.90         512 at 7, N=8      1.58 / 1.59
-    32 at 56, N=32    0.69 / 0.57         64 at 8, N=32      1.14 / 1.03
-    16 at 32, N=32    0.50 / 0.37         1x1 layers         1.00-1.02 / 0.89-1.09 (the same GEMM)
-    32 at 16, N=32    0.74 / 0.67
+    3x3 layer        one thread (CPU time)    two threads (wall, less loaded moments)
+    64 at 56         0.74 / 0.74              0.51 / 0.61
+    128 at 28        0.80 / 0.84              0.51 / 0.72
+    256 at 14        1.01 / 1.00
+    512 at 7         1.25 / 1.21
+    and at N=32, one thread: 16 at 32 0.48 / 0.33, 32 at 16 0.65 / 0.58, 64 at 8 0.79 / 0.76;
+    1x1 layers: 1.00 / 0.95-1.10 (the same one GEMM)
 
-Strided layers (the padded input split into its stride x stride phases, each a stride-1 problem on a
-common grid) measured 0.95-1.08 / 0.72-0.91 of im2col's time at 56x56 with 64-128 channels, and
-1.1-1.35 at 28x28 and 14x14, 1x1 stride-2 and the 7x7 stem (3 channels); "auto" leaves them to
-im2col (``set_conv_algorithm("implicit")`` and benchmark mode do consider them).
-
-So "auto" takes it (:func:`auto_prefers_implicit`) for stride-1 kernels larger than 1x1 with at least 16
-channels in and out per group, where the padded grid has at most 15% more rows than the output,
-or at most 30% more with at most 64 channels (where im2col's copy weighs most).  Winograd's rule
-(one BLAS thread) is asked first.  These are one-thread measurements on a busy machine; two-thread
-timings there were too noisy to decide by, so ``benchmark=True`` (below) is the way to check a
-machine, and the benchmark's per-layer rows show each algorithm's time.
-
-The "auto" rule.  Winograd F(2,3) does 2.25x fewer multiplications, but its transforms are
-elementwise passes over memory whose cost grows with C + O while the GEMM work saved grows with
-C * O, its 16 GEMMs are smaller, its weight transform costs 16*C*O whatever the batch, and a
-7x7 output needs 8x8 of 2x2 tiles.  Measured (CPU time of one thread, Xeon with AVX-512, float32,
-best of 3; a shared machine, so +-10-20% between runs), forward / backward time relative to
-im2col + GEMM, for C -> C channels at side x side pixels and batch N::
-
-    wins                                        ties or losses
-    64 at 56, N=8      0.59-0.76 / 0.70-0.73    64 at 14, N=8         1.06-1.17 / 0.93-1.11
-    128 at 28, N=8     0.65-0.67 / 0.70-0.76    128 at 14, N=8        1.02-1.06 / 0.95-1.01
-    256 at 14, N=8     0.84-0.85 / 0.82-0.84    512 at 4, N=32        0.96 / 1.03
-    64 at 28, N=8      0.90 / 0.92              512 at 7, N=8         1.21 / 1.25
-    32 at 56, N=8      0.99 / 0.81              512 at 2, N=32        1.62 / 1.63
-    64 at 16, N=32     0.70 / 0.64              3 -> 16 at 224, N=8   2.79 / 1.28
-    128 at 8, N=32     0.83 / 0.77
-    256 at 8, N=32     0.79 / 0.74
-    256 at 4, N=32     0.92 / 0.94
-    16 at 32, N=32     1.09 / 0.79
-    16 at 32, N=128    0.96 / 0.66
-    32 at 16, N=32     1.00 / 0.70
-    64 at 8, N=32      0.95 / 0.67
-
-These were one-thread measurements, and that is where Winograd wins: its transforms are split
-over threads (map_tiles), but as NumPy calls of about 64K elements, and calls that small measured
-no faster on two threads than on one here (256K-element calls did: 25 -> 14 ms); runs of 1M
-transformed elements instead of 256K brought two-thread Winograd to 1.29/1.11 (64 at 56),
-1.07/1.07 (128 at 28) and 0.90/0.90 (256 at 14) in a later quiet run.  With the two BLAS threads of a
-2-core Xeon (AVX-512, OpenBLAS SkylakeX kernel, a quiet machine, median of 5), forward / backward
-relative to im2col + GEMM at N=8 were 2.16/1.80 (64 at 56), 1.48/1.56 (128 at 28), 1.34/1.37 (256 at
-14) and 1.27/1.20 (512 at 7), against 0.97/0.98, 0.90/0.92, 0.94/0.95 and 1.10/1.08 on one thread in
-the same run.  So "auto" considers Winograd only while NumPy's BLAS runs on one thread
-(:func:`numres.blas.current_blas_threads`), as in ``numres train --threads 1`` or one rank per core
-under MPI; with more threads it keeps im2col.
-
-F(4,3) never beat F(2,3) (0.70-0.82x, 0.70-0.78x, 1.19-1.27x, 1.76-1.88x on the first, second,
-third and 512-at-7 layers).  So "auto" takes F(2,3) (:func:`auto_prefers_winograd`) where both
-channel counts are at least 16, the batch has at least 512 output pixels (N*OH*OW) to spread the
-weight transform over, the layer does at least 2**23 multiply-adds per tap (N*OH*OW*C*O) so that
-NumPy's per-call costs fade, and the tiles cover at most 15% more than the output.  It does so on
-the NumPy backend only: on a GPU the registered im2col kernels and cuBLAS stay in charge until
-Winograd is measured there.  The rule does not depend on timing, so a run is reproducible;
-:func:`choose_conv_algorithm` tells which algorithm a layer gets.  With many cores the balance
-may move (the 16 smaller GEMMs thread less well than im2col's one large GEMM): measure with the
-benchmark mode below.
+So "auto" takes it (:func:`auto_prefers_implicit`) for stride-1 kernels larger than 1x1 with at
+least 16 channels in and out per group, where the grid has at most 10% more rows than the
+output, or at most 30% more for layers of at most 64 channels (where im2col's copy weighs most).
+Winograd's rule (one BLAS thread) is asked first.  Strided layers (the padded input split into
+its stride x stride phases, each a stride-1 problem on a common grid) measured 0.95-1.08 /
+0.72-0.91 of im2col's time at 56x56 with 64-128 channels, and 1.1-1.35 at 28x28 and 14x14, 1x1
+stride-2 and the 7x7 stem (3 channels); "auto" leaves them to im2col (``set_conv_algorithm(
+"implicit")`` and benchmark mode do consider them).  These were measured on a busy machine;
+``benchmark=True`` (below) is the way to check a machine, and the benchmark's per-layer rows show
+each algorithm's time.
 
 Measuring instead.  ``set_conv_algorithm("auto", benchmark=True)`` times every algorithm that can
 compute the layer, forward and backward, the first time each layer shape is seen (as
@@ -107,6 +63,7 @@ from ..blas import current_blas_threads
 from . import conv as im2col_conv
 from .implicit_gemm import ImplicitCache, implicit_available, implicit_conv2d_backward, implicit_conv2d_forward, \
     implicit_pads
+from .implicit_gemm import geometry as implicit_geometry
 from .winograd import WinogradCache, transforms_for, winograd_applies, winograd_conv2d_backward, \
     winograd_conv2d_forward
 
@@ -256,14 +213,13 @@ def choose_conv_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1
 def auto_prefers_implicit(x_shape, weight_shape, pads, dilation=1, groups=1):
     """The measured rule of "auto" for implicit GEMM (see the module's notes), on a stride-1 layer
     with zero padding ``((top, bottom), (left, right))``."""
-    dh, dw = im2col_conv.pair(dilation, "dilation", 1)
+    dilation = im2col_conv.pair(dilation, "dilation", 1)
     out_channels, cg, kh, kw = weight_shape
     if kh * kw == 1 or min(cg, out_channels // groups) < 16:
         return False
-    (top, bottom), (left, right) = pads
-    hp, wp = x_shape[2] + top + bottom, x_shape[3] + left + right
-    extra = hp * wp / ((hp - dh * (kh - 1)) * (wp - dw * (kw - 1)))
-    return extra <= 1.15 or (extra <= 1.30 and max(x_shape[1], out_channels) <= 64)
+    geo = implicit_geometry(x_shape, (kh, kw), (1, 1), pads, dilation)
+    extra = geo.grid[0] * geo.grid[1] / (geo.out_hw[0] * geo.out_hw[1])
+    return extra <= 1.10 or (extra <= 1.30 and max(x_shape[1], out_channels) <= 64)
 
 
 def auto_prefers_winograd(n, in_channels, out_channels, out_hw, tile=2):

@@ -264,31 +264,48 @@ def _chunks(n, per_image):
 
 class Geometry(NamedTuple):
     """Where a convolution's taps read, on the (phase-split) padded grid."""
-    padded: tuple         # (Hp, Wp)
-    grid: tuple           # (Hq, Wq) = (ceil(Hp / sh), ceil(Wp / sw)): one phase of the padded input
+    padded: tuple         # (Hp, Wp): the padded input
+    grid: tuple           # (Hq, Wq): the grid each image (or phase of it) is laid on, and the output's
     out_hw: tuple         # (OH, OW)
     phases: int           # sh * sw
     rows: int             # N * Hq * Wq: rows of one phase (and of the output grid)
     m: int                # one past the last valid output row
     offsets: tuple        # per tap (i, j): its first input row in the phase-major row matrix
+    input_rows: int       # rows of the input matrix (and of its gradient)
+    shared: bool          # stride 1 with padding shared between neighbouring lines and images
 
 
-def geometry(x_shape, kernel, stride, pads, dilation) -> Geometry:
-    """Stride ``s``: tap ``(i, j)`` at padded offset ``(t_h, t_w) = (i*dh, j*dw)`` reads phase
+def geometry(x_shape, kernel, stride, pads, dilation, shared=True) -> Geometry:
+    """Where each tap reads, on a grid of ``Hq x Wq`` per image.
+
+    Stride 1, ``shared``: a line of the grid is ``left`` zeros, the ``W`` pixels and zeros up to
+    ``Wq = max(W + max(left, right), OW)``; a line past the end of one line is the start of the
+    next, so the *right* padding of one line is the left padding of the next (and the bottom
+    padding of one image the top padding of the next): ``(H + 1) x (W + 1)`` per image for a 3x3
+    "same" layer instead of ``(H + 2) x (W + 2)``, 1.31x the output's rows at 7x7 instead of 1.65x.
+    The matrix ends with enough zero rows for the last taps.
+
+    Stride ``s``: tap ``(i, j)`` at padded offset ``(t_h, t_w) = (i*dh, j*dw)`` reads phase
     ``(t_h mod sh, t_w mod sw)`` of the padded input, shifted by ``(t_h // sh, t_w // sw)``; every
-    phase is laid on the same ``Hq x Wq`` grid, so output row ``r`` reads row ``r + shift`` of the
-    tap's phase.  Stride 1 has one phase, the padded input itself."""
+    phase is laid on the same ``ceil(Hp/sh) x ceil(Wp/sw)`` grid, so output row ``r`` reads row
+    ``r + shift`` of the tap's phase.
+    """
     n, _, h, w = x_shape
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     (top, bottom), (left, right) = pads
     hp, wp = h + top + bottom, w + left + right
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
-    hq, wq = -(-hp // sh), -(-wp // sw)
+    shared = shared and (sh, sw) == (1, 1)
+    if shared:
+        hq, wq = max(h + max(top, bottom), oh), max(w + max(left, right), ow)
+    else:
+        hq, wq = -(-hp // sh), -(-wp // sw)
     rows = n * hq * wq
     offsets = tuple(((i * dh % sh) * sw + j * dw % sw) * rows + (i * dh // sh) * wq + j * dw // sw
                     for i in range(kh) for j in range(kw))
     m = (n - 1) * hq * wq + (oh - 1) * wq + ow
-    return Geometry((hp, wp), (hq, wq), (oh, ow), sh * sw, rows, m, offsets)
+    input_rows = max(rows, m + max(offsets)) if shared else sh * sw * rows
+    return Geometry((hp, wp), (hq, wq), (oh, ow), sh * sw, rows, m, offsets, input_rows, shared)
 
 
 def _phase_slices(size, before, stride, phase, length):
@@ -301,15 +318,25 @@ def _phase_slices(size, before, stride, phase, length):
 
 
 def phase_rows(x, pads, stride, geo: Geometry):
-    """The padded input split into its ``sh*sw`` phases, each on the ``Hq x Wq`` grid (zeros where
-    the phase runs past the padded input): ``(sh*sw*N*Hq*Wq, C)``.  Stride 1: :func:`pad_rows`."""
-    if stride == (1, 1):
-        return pad_rows(x, pads).reshape(geo.rows, x.shape[1])
-    (top, _), (left, _) = pads
+    """The input as the row matrix the taps read, ``(geo.input_rows, C)``: the padded input on the
+    shared grid (stride 1), or split into its ``sh*sw`` phases on a common grid (zeros where a phase
+    runs past the padded input)."""
     n, c, h, w = x.shape
-    sh, sw = stride
+    (top, _), (left, _) = pads
     hq, wq = geo.grid
     x_nhwc = x.transpose(0, 2, 3, 1)
+    if geo.shared:
+        if (hq, wq) == (h, w) and geo.input_rows == geo.rows:
+            return np.ascontiguousarray(x_nhwc).reshape(geo.rows, c)          # no padding: x itself
+        flat = np.empty((geo.input_rows, c), dtype=x.dtype)
+        grid = flat[:geo.rows].reshape(n, hq, wq, c)
+        _line_runs(n * hq, hq, wq * c, lambda image, first, stop: _frame(
+            grid[image, first:stop], first, stop, x_nhwc[image], top, left, h, w))
+        flat[geo.rows:] = 0
+        return flat
+    if stride == (1, 1):
+        return pad_rows(x, pads).reshape(geo.rows, c)
+    sh, sw = stride
     phases = np.zeros((sh, sw, n, hq, wq, c), dtype=x.dtype)
     for a in range(sh):
         q0, x0, nq = _phase_slices(h, top, sh, a, hq)
@@ -326,8 +353,8 @@ def unphase_rows(phase_grad, x_shape, pads, stride, geo: Geometry):
     n, c, h, w = x_shape
     (top, _), (left, _) = pads
     if stride == (1, 1):
-        grid = phase_grad.reshape(n, geo.padded[0], geo.padded[1], c)
-        return grid if geo.padded == (h, w) else crop_rows(grid, (h, w), origin=(top, left))
+        grid = phase_grad[:geo.rows].reshape(n, geo.grid[0], geo.grid[1], c)
+        return grid if geo.grid == (h, w) else crop_rows(grid, (h, w), origin=(top, left))
     sh, sw = stride
     hq, wq = geo.grid
     phases = phase_grad.reshape(sh, sw, n, hq, wq, c)
@@ -364,7 +391,7 @@ def implicit_conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=
     out_channels, cg, kh, kw = weight.shape
     og = out_channels // groups
     n, c, h, w = x.shape
-    geo = geometry(x.shape, (kh, kw), stride_pair, pads, (dh, dw))
+    geo = geometry(x.shape, (kh, kw), stride_pair, pads, (dh, dw), shared=variant == "taps")
     hq, wq = geo.grid
     oh, ow = geo.out_hw
     stored = np.ascontiguousarray(weight.transpose(2, 3, 1, 0))   # (kh, kw, cg, O)
@@ -421,7 +448,7 @@ def implicit_conv2d_backward(dy, cache: ImplicitCache, need_input_grad=True, *, 
     og = out_channels // groups
     n, c, h, w = cache.x_shape
     dh, dw = cache.dilation
-    geo = geometry(cache.x_shape, (kh, kw), stride, cache.pads, cache.dilation)
+    geo = geometry(cache.x_shape, (kh, kw), stride, cache.pads, cache.dilation, shared=variant == "taps")
     hq, wq = geo.grid
     oh, ow = geo.out_hw
     per_image = hq * wq
@@ -476,7 +503,7 @@ def implicit_conv2d_backward(dy, cache: ImplicitCache, need_input_grad=True, *, 
         dweight = dstored.transpose(3, 2, 0, 1)
         del grid                                  # the padded input is not needed for dx: lower peak memory
     if need_input_grad:
-        total = geo.phases * geo.rows
+        total = geo.input_rows
         dgrid_x = np.empty((total, c), dtype=dy.dtype)
         x_ptr = dgrid_x.ctypes.data
         stored = np.ascontiguousarray(weight.transpose(2, 3, 1, 0))    # (kh, kw, cg, O)
