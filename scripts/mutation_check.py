@@ -13,7 +13,8 @@ functions and lambdas included, docstrings, ``raise`` and ``assert`` statements 
 kind           change
 =============  ======================================================================================
 scale          a returned or yielded gradient times 1.001 (each entry of a returned tuple; each argument
-               when the function returns through a helper defined inside it); ``None`` stays ``None``
+               when the function returns through a helper defined inside it); ``None`` stays ``None``, and a
+               tuple returned by a call is scaled entry by entry
 arith          ``+`` <-> ``-``, ``*`` <-> ``/`` (also in ``+=``, ``-=``, ``*=``, ``/=``)
 drop-term      ``a + b`` -> ``a`` or ``b``; ``a - b`` -> ``a`` (a dropped term, e.g. BatchNorm's mean term);
                ``a * b`` -> ``a`` or ``b`` (a dropped factor); ``a / b`` -> ``a`` (a dropped normalisation)
@@ -55,6 +56,7 @@ Usage::
     python scripts/mutation_check.py --list                   # the mutants, not run
     python scripts/mutation_check.py --max-mutants 100 --seed 0 --jobs 2
     python scripts/mutation_check.py --match relu_backward:mask --match linear_backward:transpose
+    python scripts/mutation_check.py --without tests/test_backward_mutants.py --json before.json
     python scripts/mutation_check.py --report benchmarks/results/mutation --before before.json
 """
 from __future__ import annotations
@@ -127,16 +129,12 @@ PACKAGE_TESTS = {"numres/reference": "tests/test_reference.py"}
 _BN = "numres/functional/batchnorm.py", "batchnorm_backward"
 _EMPTY_BN = ("empty input (m = 0): dx is an empty array and the parameter gradients are sums over nothing, "
              "zeros; times 1.001 they are the same arrays")
-_SCALED = "_mutant_value if (_mutant_value := {}) is None else _mutant_value * 1.001"
 _BIGGER_FRAME = ("the scratch frame gets more rows/columns of padding than it needs: the extra ones stay zero "
                  "and are cropped away with the rest (a memory cost only)")
 EQUIVALENT_RULES: list[tuple] = [
-    (*_BN, "scale", "return gradients(xp.empty_like(cache.rows), zeros, zeros.copy())", mutated,
-     "xp.empty_like(cache.rows)", _EMPTY_BN)
-    for mutated in (
-        f"return gradients({_SCALED.format('xp.empty_like(cache.rows)')}, zeros, zeros.copy())",
-        f"return gradients(xp.empty_like(cache.rows), {_SCALED.format('zeros')}, zeros.copy())",
-        f"return gradients(xp.empty_like(cache.rows), zeros, {_SCALED.format('zeros.copy()')})")
+    (*_BN, "scale", scaled, f"({scaled}) * 1.001", "return gradients(xp.empty_like(cache.rows), zeros, zeros.copy())",
+     _EMPTY_BN)
+    for scaled in ("xp.empty_like(cache.rows)", "zeros", "zeros.copy()")
 ] + [
     ("numres/functional/conv.py", "col2im", "constant", "2", "3", "padded = xp.empty((n, h + 2 * padding[0]",
      _BIGGER_FRAME),
@@ -229,13 +227,16 @@ def _plus(node, k):
     return ast.BinOp(left=node, op=ast.Add() if k > 0 else ast.Sub(), right=_const(abs(k)))
 
 
+_SCALE_TEMPLATE = ("(tuple(None if _mutant_e is None else _mutant_e * {scale} for _mutant_e in _mutant_v) "
+                   "if isinstance(_mutant_v := ({expr}), tuple) else "
+                   "None if _mutant_v is None else _mutant_v * {scale})")
+
+
 def _scaled(node):
-    """``node * SCALE``, leaving None alone: ``(_m if (_m := node) is None else _m * SCALE)``."""
-    name = ast.Name(id="_mutant_value", ctx=ast.Load())
-    walrus = ast.NamedExpr(target=ast.Name(id="_mutant_value", ctx=ast.Store()), value=node)
-    return ast.IfExp(test=ast.Compare(left=walrus, ops=[ast.Is()], comparators=[_const(None)]), body=name,
-                     orelse=ast.BinOp(left=ast.Name(id="_mutant_value", ctx=ast.Load()), op=ast.Mult(),
-                                      right=_const(SCALE)))
+    """``node * SCALE``; None stays None, and a tuple of gradients (a helper's return) is scaled entry by entry."""
+    scaled = ast.parse(_SCALE_TEMPLATE.format(scale=SCALE, expr=ast.unparse(node)), mode="eval").body
+    scaled.scaled_from = node
+    return scaled
 
 
 _ARITH = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult}
@@ -420,9 +421,14 @@ def generate_mutants(source: str, function: str, file: str = "<string>") -> list
             statement = node
             while not isinstance(statement, ast.stmt) and statement in parents:
                 statement = parents[statement]
+            original_text, mutated_text = _snippet(node), _snippet(replacement)
+            if kind == "scale":                 # the scaled gradient, not the whole return statement
+                scaled = next(n.scaled_from for n in ast.walk(replacement) if hasattr(n, "scaled_from"))
+                original_text = _snippet(scaled)
+                mutated_text = f"({original_text}) * {SCALE}"
             mutants.append(Mutant(file=file, function=function, line=getattr(node, "lineno", 0) or
                                   getattr(parents.get(node), "lineno", 0), kind=kind,
-                                  original=_snippet(node), mutated=_snippet(replacement), source=text,
+                                  original=original_text, mutated=mutated_text, source=text,
                                   statement=" ".join(ast.unparse(statement).splitlines()[0].split())))
     for number, mutant in enumerate(mutants):
         mutant.id = f"{file}::{function}#{number}"
@@ -878,6 +884,7 @@ def build_report(options, mutants, results, deselected, selection_errors, second
         "python": platform.python_version(),
         "commit": _git("rev-parse", "--short", "HEAD"),
         "package_dirs": options.package_dir,
+        "without": options.without or [],
         "isolation": options.isolation,
         "jobs": options.jobs,
         "timeout_s": options.timeout,
@@ -956,10 +963,12 @@ def markdown(report, before=None):
 # Entry point
 # =============================================================================================================
 
-def copy_repository(destination):
+def copy_repository(destination, without=()):
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
                             check=True).stdout.decode().split("\0")
     for path in filter(None, listed):
+        if path in without:
+            continue
         source = os.path.join(REPO, path)
         if not os.path.isfile(source):
             continue
@@ -989,6 +998,9 @@ def parse(argv=None):
                              "kind and change) and carry the earlier verdicts of the others over: added tests can "
                              "only kill more")
     parser.add_argument("--progress", action="store_true", help="a line per mutant on stderr")
+    parser.add_argument("--without", action="append", metavar="PATH",
+                        help="leave this file out of the copy (e.g. tests/test_backward_mutants.py, to measure "
+                             "the suite before it)")
     parser.add_argument("--keep", action="store_true", help="keep the copy of the repository")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
@@ -1013,7 +1025,7 @@ def main(argv=None):
         return 0
     copy_dir = tempfile.mkdtemp(prefix="numres-mutation-")
     try:
-        copy_repository(copy_dir)
+        copy_repository(copy_dir, set(options.without or ()))
         result_path = os.path.join(copy_dir, ".mutation-result.json")
         env = dict(os.environ, PYTHONPATH=copy_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    NUMRES_NUM_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",

@@ -51,9 +51,8 @@ def test_every_listed_kind_is_produced_and_documented():
 
 def test_the_named_mistakes_are_among_the_mutants():
     changes = {(m.kind, m.original, m.mutated) for m in mc.generate_mutants(SAMPLE, "thing_backward")}
-    assert ("scale", "return (dx, frame.sum(axis=1) * 2.0)",
-            "return (_mutant_value if (_mutant_value := dx) is None else _mutant_value * 1.001, "
-            "frame.sum(axis=1) * 2.0)") in changes                                  # gradient * 1.001
+    assert ("scale", "dx", "(dx) * 1.001") in changes                                # gradient * 1.001
+    assert ("scale", "frame.sum(axis=1) * 2.0", "(frame.sum(axis=1) * 2.0) * 1.001") in changes
     assert ("mask", "y > 0", "True") in changes                                      # missing mask
     assert ("drop-term", "g[:, 1:3] - mean[0]", "g[:, 1:3]") in changes             # dropped mean term
     assert ("transpose", "w.T", "w") in changes                                      # transposed weight
