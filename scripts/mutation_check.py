@@ -899,12 +899,33 @@ def build_report(options, mutants, results, deselected, selection_errors, second
     }
 
 
-def _survivor_lines(rows):
+def _where(row):
+    statement = row.get("statement", "")
+    statement = statement if len(statement) <= 80 else statement[:77] + "..."
+    return f" in `{statement}`" if statement and statement != row["original"] else ""
+
+
+def _key(row):
+    return row["file"], row["function"], row["kind"], row["original"], row["mutated"], row.get("statement", "")
+
+
+def _survivor_lines(rows, after=None):
     lines = []
+    verdicts = {_key(r): r for r in after} if after is not None else {}
     for r in rows:
         if r["status"] == "survived":
-            lines.append(f"| `{r['file']}` | `{r['function']}` | {r['line']} | {r['kind']} | "
-                         f"`{r['original']}` → `{r['mutated']}` |")
+            line = (f"| `{r['file']}` | `{r['function']}` | {r['line']} | {r['kind']} | "
+                    f"`{r['original']}` → `{r['mutated']}`{_where(r)} |")
+            if after is not None:
+                later = verdicts.get(_key(r))
+                if later is None:
+                    now = "not generated any more"
+                elif later["status"] == "killed":
+                    now = f"killed by `{later.get('failed')}`"
+                else:
+                    now = later["status"]
+                line += f" {now} |"
+            lines.append(line)
     return lines
 
 
@@ -941,15 +962,15 @@ def markdown(report, before=None):
     out += ["", "## Equivalent mutants (change nothing observable; not counted)", ""]
     if equivalents:
         out += ["| function | line | kind | mutation | why |", "|---|---|---|---|---|"]
-        out += [f"| `{r['function']}` | {r['line']} | {r['kind']} | `{r['original']}` → `{r['mutated']}` | "
+        out += [f"| `{r['function']}` | {r['line']} | {r['kind']} | `{r['original']}` → `{r['mutated']}`{_where(r)} | "
                 f"{r['reason']} |" for r in equivalents]
     else:
         out.append("None.")
     if before is not None:
-        out += ["", "## Survivors before the new tests (each now killed by tests/test_backward_mutants.py, "
-                "or listed above as equivalent)", ""]
-        lines = _survivor_lines(before["mutants"])
-        out += ["| file | function | line | kind | mutation |", "|---|---|---|---|---|", *lines] if lines else ["None."]
+        out += ["", "## Survivors before the new tests, and what became of each", ""]
+        lines = _survivor_lines(before["mutants"], report["mutants"])
+        out += ["| file | function | line | kind | mutation | now |", "|---|---|---|---|---|---|", *lines] \
+            if lines else ["None."]
     if report["deselected_broken_tests"]:
         out += ["", "## Tests deselected because they failed on the original code too", ""]
         out += [f"- `{n}`" for n in report["deselected_broken_tests"]]
