@@ -120,8 +120,9 @@ SELECTIONS = {
     "folded_conv_bn_backward": (["tests/test_fusion.py"], "backward or frozen or folded_conv_bn"),
 }
 # Any other package dir (numres/reference): every top-level ``*_backward`` function, and col2im, against
-# the whole of this file (plus the mutants' own tests that name the function).
-PACKAGE_TESTS = {"numres/reference": "tests/test_reference.py"}
+# its selection here (plus the mutants' own tests that name the function).
+# The whole-model test (about 20 s) is left out: each op has its own fast tests in that file.
+PACKAGE_TESTS = {"numres/reference": (["tests/test_reference.py"], "not whole_model")}
 
 # --- mutants that change nothing observable ----------------------------------------------------------------
 # (file, function, kind, original, mutated) -> why.  ``original``/``mutated`` are the changed node's source.
@@ -444,7 +445,7 @@ def targets(package_dir: str, root: str = REPO):
     """
     package_dir = package_dir.rstrip("/")
     functional = package_dir == "numres/functional"
-    test_file = PACKAGE_TESTS.get(package_dir, "tests/test_reference.py")
+    selection = PACKAGE_TESTS.get(package_dir, (["tests/test_reference.py"], None))
     found = {}
     for name in sorted(os.listdir(os.path.join(root, package_dir))):
         if not name.endswith(".py"):
@@ -456,7 +457,7 @@ def targets(package_dir: str, root: str = REPO):
         if functional:
             chosen = {f: SELECTIONS[f] for f in names if f in SELECTIONS}
         else:
-            chosen = {f: ([test_file], None) for f in names if f.endswith("_backward") or f == "col2im"}
+            chosen = {f: selection for f in names if f.endswith("_backward") or f == "col2im"}
         if chosen:
             found[path] = chosen
     return found
@@ -980,6 +981,22 @@ def markdown(report, before=None):
     return "\n".join(out) + "\n"
 
 
+def _other_section(other):
+    s = other["summary"]
+    out = ["", f"## {', '.join(other['package_dirs'])} ({other['date']}, commit {other['commit']}, "
+           f"{other['seconds']} s)", "",
+           f"{s['killed']} of {s['counted']} mutants killed: **{(s['kill_rate'] or 0):.1%}** ({s['equivalent']} "
+           f"equivalent, {s['errors']} errors; by assertion {s['killed_by_assertion']}, by exception "
+           f"{s['killed_by_exception']}, by timeout {s['killed_by_timeout']}).", ""]
+    survivors = _survivor_lines(other["mutants"])
+    out += ["| file | function | line | kind | mutation |", "|---|---|---|---|---|", *survivors] if survivors \
+        else ["No survivors."]
+    if other.get("deselected_broken_tests"):
+        out += ["", "Deselected (failed on the original code too): " +
+                ", ".join(f"`{n}`" for n in other["deselected_broken_tests"])]
+    return "\n".join(out) + "\n"
+
+
 # =============================================================================================================
 # Entry point
 # =============================================================================================================
@@ -1014,6 +1031,8 @@ def parse(argv=None):
     parser.add_argument("--json", help="write the full result here")
     parser.add_argument("--report", help="write REPORT.json and REPORT.md")
     parser.add_argument("--before", help="an earlier result (.json) to quote as 'before'")
+    parser.add_argument("--also", action="append", metavar="RESULT.json",
+                        help="another run's result (e.g. of numres/reference) to add to the report as a section")
     parser.add_argument("--rerun-survivors", metavar="EARLIER.json",
                         help="run only the mutants that survived in an earlier result (matched by file, function, "
                              "kind and change) and carry the earlier verdicts of the others over: added tests can "
@@ -1092,10 +1111,22 @@ def main(argv=None):
             report["before"] = {"date": before["date"], "commit": before.get("commit"),
                                 "summary": before["summary"],
                                 "survivors": [r for r in before["mutants"] if r["status"] == "survived"]}
+        others = []
+        for path in options.also or []:
+            with open(path) as handle:
+                others.append(json.load(handle))
+        report["other_runs"] = [{k: o[k] for k in ("date", "commit", "package_dirs", "seconds", "summary",
+                                                   "deselected_broken_tests")}
+                                | {"survivors": [r for r in o["mutants"] if r["status"] == "survived"],
+                                   "equivalents": [r for r in o["mutants"] if r["status"] == "equivalent"]}
+                                for o in others]
+        text = markdown(report, before)
+        for other in others:
+            text += _other_section(other)
         with open(options.report + ".json", "w") as handle:
             json.dump(report, handle, indent=1)
         with open(options.report + ".md", "w") as handle:
-            handle.write(markdown(report, before))
+            handle.write(text)
     return 0
 
 
