@@ -309,6 +309,10 @@ def breakdown(model, step, repeats):
     originals = {"im2col": conv_module.im2col, "col2im": conv_module.col2im}
     conv_module.im2col = timed(lambda a: "im2col (inside conv)", originals["im2col"])
     conv_module.col2im = timed(lambda a: "col2im (inside conv)", originals["col2im"])
+    from numres.functional import implicit_gemm as implicit_module
+    grid_copies = {name: getattr(implicit_module, name) for name in ("phase_rows", "crop_rows", "grid_gradient")}
+    for name, function in grid_copies.items():             # the implicit path's copies onto and off its grid
+        setattr(implicit_module, name, timed(lambda a: "implicit grid copies (inside conv)", function))
     try:
         for _ in range(repeats):
             current.clear()
@@ -321,6 +325,8 @@ def breakdown(model, step, repeats):
         for name in kinds:
             unregister_kernel("numpy", name)
         conv_module.im2col, conv_module.col2im = originals["im2col"], originals["col2im"]
+        for name, function in grid_copies.items():
+            setattr(implicit_module, name, function)
         for name, function in winograd_originals.items():
             setattr(algorithms_module, name, function)
     return {key: statistics.median(values) for key, values in totals.items()}
@@ -731,8 +737,8 @@ def write_reports(directory):
                       f"({100 * run['numres_train_gflops'] / run['sgemm_peak_gflops']:.0f}% of the sgemm peak); "
                       f"PyTorch {run['torch_train_gflops']:.0f} GFLOP/s.", "",
                   "<details><summary>numres step breakdown (median ms per step)</summary>", "",
-                  "Each `conv` row includes the im2col/col2im done inside it, which also have rows of "
-                  "their own, so the shares overlap.", "",
+                  "Each `conv` row includes the im2col/col2im (or implicit GEMM's grid copies) done inside it, "
+                  "which also have rows of their own, so the shares overlap.", "",
                   "| part | ms | share |", "|---|---|---|"]
         total = run["breakdown_ms"]["total step"]
         for key, value in sorted(run["breakdown_ms"].items(), key=lambda item: -item[1]):
@@ -821,9 +827,10 @@ def main(argv=None):
     train_flops = 2 * (3 * macs - stem_dx_macs)
     parts = breakdown(model, numres_jobs["train_step"], max(1, args.repeats // 2))
     conv_total = sum(v for k, v in parts.items() if k.startswith("conv "))
-    copies = parts.get("im2col (inside conv)", 0) + parts.get("col2im (inside conv)", 0)
+    copies = parts.get("im2col (inside conv)", 0) + parts.get("col2im (inside conv)", 0) + \
+        parts.get("implicit grid copies (inside conv)", 0)
     breakdown_ms = {k: v * 1000 for k, v in parts.items()}
-    breakdown_ms["GEMM and the rest of conv (conv minus im2col/col2im)"] = (conv_total - copies) * 1000
+    breakdown_ms["GEMM and the rest of conv (conv minus im2col/col2im/grid copies)"] = (conv_total - copies) * 1000
     del stem
     floors = floor_rows(numres_jobs["train_step"], timings["train_step"]["numres_ms"], train_flops, peak,
                         args.repeats)
