@@ -274,7 +274,7 @@ def test_what_takes_im2col_under_implicit(rng, restore_algorithm):
     assert choose((2, 4, 8, 8), (4, 4, 3, 3), 1, 1) == "implicit"
     assert choose((2, 4, 8, 8), (4, 4, 3, 3), 2, 1) == "implicit"
     assert choose((2, 4, 8, 8), (4, 4, 3, 3), 1, 1, padding_mode="reflect") == "im2col"
-    assert choose((2, 4, 8, 8), (4, 4, 3, 3), 1, 1, xp=object()) == "im2col"
+    assert choose((2, 4, 8, 8), (4, 4, 3, 3), 1, 1, xp=object()) == "im2col"    # not an array module
     assert choose((0, 4, 8, 8), (4, 4, 3, 3), 1, 1) == "im2col"
     x, weight = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3))
     y, cache = algorithms.conv2d_forward(x, weight, None, 1, 1, padding_mode="circular")
@@ -354,6 +354,71 @@ def test_fallback_without_cblas_says_so_once(rng, restore_algorithm, monkeypatch
         monkeypatch.undo()
         blas.cblas_gemm.cache_clear()
     assert IG.implicit_available()
+
+
+# --- any array module: the generic slab version (CuPy's cuBLAS path), on NumPy and the guard backend -------
+
+
+@pytest.mark.parametrize("n, c, o, h, w, kernel, padding, dilation, groups, stride", [
+    (2, 3, 4, 7, 5, 3, 1, 1, 1, 1), (1, 4, 6, 9, 11, 3, (1, 2), (2, 1), 2, 1), (2, 6, 6, 5, 6, (5, 3), "same", 1, 3, 1),
+    (2, 4, 6, 12, 11, 3, 1, 1, 2, 2), (2, 4, 5, 10, 10, 7, 3, 1, 1, 2), (3, 2, 4, 1, 1, 3, 1, 1, 1, 1)])
+def test_generic_version_equals_cblas_path_and_runs_under_the_guard(n, c, o, h, w, kernel, padding, dilation,
+                                                                       groups, stride, rng):
+    """The xp version (what CuPy runs, through cuBLAS's gemm with beta = 1) equals the CBLAS path on NumPy, and
+    runs on the guard backend with no host round-trip."""
+    from numres.testing import guard_xp, no_transfers
+    kh, kw = im2col_conv.pair(kernel)
+    x, b = rng.standard_normal((n, c, h, w)), rng.standard_normal(o)
+    weight = rng.standard_normal((o, c // groups, kh, kw))
+    y, cache = implicit_conv2d_forward(x, weight, b, stride, padding, dilation, groups)
+    dy = rng.standard_normal(y.shape)
+    reference = (y,) + implicit_conv2d_backward(dy, cache)
+    y_xp, cache_xp = IG.implicit_conv2d_forward_xp(x, weight, b, stride, padding, dilation, groups)
+    for ours, ref in zip((y_xp,) + IG.implicit_conv2d_backward_xp(dy, cache_xp), reference):
+        assert rel_err(ours, ref) < 1e-12
+    with no_transfers():
+        arrays = [guard_xp.asarray(a) for a in (x, weight, b, dy)]
+        y_g, cache_g = implicit_conv2d_forward(*arrays[:3], stride, padding, dilation, groups, relu=True)
+        guarded = (y_g,) + implicit_conv2d_backward(arrays[3], cache_g)
+    assert rel_err(nr.backend.to_numpy(guarded[0]), np.maximum(y, 0)) < 1e-12
+    for ours, ref in zip(guarded[1:], reference[1:]):
+        assert rel_err(nr.backend.to_numpy(ours), ref) < 1e-12
+
+
+def test_gpu_path_only_by_name(restore_algorithm):
+    """Off NumPy, "auto" never takes implicit GEMM (not measured on a GPU); set_conv_algorithm("implicit") does."""
+    from numres.testing import guard_xp
+    choose = nr.functional.choose_conv_algorithm
+    nr.functional.set_conv_algorithm("auto")
+    assert choose((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, xp=guard_xp) != "implicit"
+    nr.functional.set_conv_algorithm("implicit")
+    assert choose((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, xp=guard_xp) == "implicit"
+
+
+def test_resnet18_trains_under_the_guard_with_implicit_gemm(rng, restore_algorithm, monkeypatch):
+    """ResNet-18 with every convolution on the generic slab path (what CuPy runs, through cuBLAS), two SGD
+    steps on the guard backend inside no_transfers(): no host round-trip, and the same losses, logits,
+    parameters and gradients as the same path on NumPy (the guard computes what NumPy computes)."""
+    from test_guard import _assert_states_match, _channels_last, _train_steps
+    from numres.testing import GuardedArray
+    calls = []
+    forward_xp = IG.implicit_conv2d_forward_xp
+    monkeypatch.setattr(algorithms, "implicit_conv2d_forward",
+                        lambda *a, **k: calls.append(1) or forward_xp(*a, **k))   # NumPy too takes the xp version
+    monkeypatch.setattr(algorithms, "implicit_conv2d_backward", IG.implicit_conv2d_backward_xp)
+    nr.functional.set_conv_algorithm("implicit")
+    x = _channels_last(rng.standard_normal((2, 3, 24, 24)))
+    target = np.array([3, 8])
+    nr.manual_seed(7)
+    reference = nr.resnet18(num_classes=10, dtype="float64")
+    nr.manual_seed(7)
+    guarded = nr.resnet18(num_classes=10, dtype="float64").to("guard")
+    ref_losses, ref_logits = _train_steps(reference, "numpy", x, target, steps=2)
+    losses, logits = _train_steps(guarded, "guard", x, target, steps=2)
+    assert len(calls) == 2 * 2 * 20 and all(isinstance(p.data, GuardedArray) for p in guarded.parameters())
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-11)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-11, atol=1e-11 * np.abs(ref_logits).max())
+    _assert_states_match(guarded, reference, rtol=1e-11)
 
 
 # --- modules and whole models ------------------------------------------------------------------------

@@ -152,11 +152,15 @@ def _winograd_pads(x_shape, weight_shape, stride, padding, dilation, groups, pad
     return pads if winograd_applies(x_shape, weight_shape, stride, pads, dilation, groups) else None
 
 
-def _implicit_usable(x_shape, weight_shape, stride, padding, dilation, groups, xp, padding_mode):
-    """The implicit path's zero padding when it can compute this layer here (NumPy, stride 1, a CBLAS
-    GEMM found), else None; the first time the CBLAS GEMM is missing, one warning says so."""
+def _implicit_usable(x_shape, weight_shape, stride, padding, dilation, groups, xp, padding_mode, explicit=False):
+    """The implicit path's zero padding when it can compute this layer here, else None: on NumPy
+    with a CBLAS GEMM found (the first time it is missing, one warning says so); on another array
+    module (CuPy: cuBLAS's gemm) only when asked for by name (``explicit``), never by "auto" (not
+    measured on a GPU yet)."""
     if xp is not np:
-        return None
+        if not explicit or not hasattr(xp, "matmul"):
+            return None
+        return implicit_pads(x_shape, weight_shape, stride, padding, dilation, groups, padding_mode)
     pads = implicit_pads(x_shape, weight_shape, stride, padding, dilation, groups, padding_mode)
     if pads is not None and not implicit_available():
         if "cblas" not in _warned:
@@ -190,7 +194,8 @@ def choose_conv_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1
         pads = _winograd_pads(x_shape, weight_shape, stride, padding, dilation, groups, padding_mode)
         return "im2col" if pads is None else "winograd"
     if setting == "implicit":
-        usable = _implicit_usable(x_shape, weight_shape, stride, padding, dilation, groups, xp, padding_mode)
+        usable = _implicit_usable(x_shape, weight_shape, stride, padding, dilation, groups, xp, padding_mode,
+                                  explicit=True)
         return "im2col" if usable is None else "implicit"
     candidates = _candidates(x_shape, weight_shape, stride, padding, dilation, groups, xp, padding_mode)
     if len(candidates) == 1:

@@ -54,6 +54,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..backend import xp_of
 from ..blas import cblas_gemm, current_blas_threads, single_threaded_blas, single_threaded_blas_available
 from ..parallel import get_num_threads, map_tiles, run_parts
 from .conv import conv_padding, pair
@@ -380,6 +381,8 @@ def implicit_conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=
     """
     if variant not in VARIANTS:
         raise ValueError(f"implicit-GEMM variant must be one of {VARIANTS}, got {variant!r}")
+    if xp_of(x) is not np:
+        return implicit_conv2d_forward_xp(x, weight, bias, stride, padding, dilation, groups, relu=relu)
     stride_pair = pair(stride, "stride", 1)
     pads = implicit_pads(x.shape, weight.shape, stride, padding, dilation, groups, allow_stride=variant == "taps")
     if pads is None:
@@ -442,6 +445,9 @@ def implicit_conv2d_backward(dy, cache: ImplicitCache, need_input_grad=True, *, 
     nothing; ``dweight`` has the weight's shape and is stored ``(kh, kw, C/groups, O)``.
     """
     need_bias_grad = need_weight_grad if need_bias_grad is None else need_bias_grad
+    if xp_of(dy) is not np:
+        return implicit_conv2d_backward_xp(dy, cache, need_input_grad, need_weight_grad=need_weight_grad,
+                                           need_bias_grad=need_bias_grad)
     gemm = _gemm(dy.dtype)
     weight, groups, variant, stride = cache.weight, cache.groups, cache.variant, cache.stride
     out_channels, cg, kh, kw = weight.shape
@@ -547,4 +553,144 @@ def implicit_conv2d_backward(dy, cache: ImplicitCache, need_input_grad=True, *, 
                              t_ptr + ((i * groups + g) * k * cg) * size, cg, 0.0 if i == 0 else 1.0,
                              x_ptr + ((r0 + offset) * c + g * cg) * size, c)
         dx = unphase_rows(dgrid_x, cache.x_shape, cache.pads, stride, geo).transpose(0, 3, 1, 2)
+    return dx, dweight, dbias
+
+
+# --- any array module: CuPy through cuBLAS, the rest through matmul ----------------------------------------
+#
+# The same slabs, written once against ``xp``: on CuPy each slab GEMM is cuBLAS's gemm with
+# ``beta = 1`` on views of the row matrices (a slab of a C-contiguous matrix is C-contiguous, so
+# cuBLAS reads it in place); on any other module (NumPy, the guard backend the tests use) it is
+# ``matmul`` plus an in-place add.  No host round-trips: shapes and offsets are Python integers.
+# Not chosen by "auto" on a GPU until it has been measured there; ``set_conv_algorithm("implicit")``
+# selects it.
+
+
+def _cupy_cublas(xp):
+    if getattr(xp, "__name__", "") != "cupy":
+        return None
+    try:
+        from cupy import cublas
+    except ImportError:                              # pragma: no cover (an old CuPy)
+        return None
+    return cublas
+
+
+def slab_gemm(xp, a, b, out, accumulate, trans_a=False, trans_b=False):
+    """``out = op(a) @ op(b)``, or ``out += op(a) @ op(b)`` when ``accumulate``: cuBLAS's gemm with
+    beta = 1 on CuPy, ``matmul`` and an add elsewhere."""
+    cublas = _cupy_cublas(xp)
+    if cublas is not None:
+        cublas.gemm("T" if trans_a else "N", "T" if trans_b else "N", a, b, out=out,
+                    beta=1.0 if accumulate else 0.0)
+        return
+    product = xp.matmul(a.T if trans_a else a, b.T if trans_b else b)
+    if accumulate:
+        out += product
+    else:
+        out[...] = product
+
+
+def _grid_xp(xp, x, pads, stride, geo: Geometry):
+    """:func:`phase_rows` for any array module."""
+    n, c, h, w = x.shape
+    (top, _), (left, _) = pads
+    hq, wq = geo.grid
+    x_nhwc = x.transpose(0, 2, 3, 1)
+    if geo.shared:
+        flat = xp.zeros((geo.input_rows, c), dtype=x.dtype)
+        flat[:geo.rows].reshape(n, hq, wq, c)[:, top:top + h, left:left + w] = x_nhwc
+        return flat
+    sh, sw = stride
+    phases = xp.zeros((sh, sw, n, hq, wq, c), dtype=x.dtype)
+    for a in range(sh):
+        q0, x0, nq = _phase_slices(h, top, sh, a, hq)
+        for b in range(sw):
+            u0, y0, nu = _phase_slices(w, left, sw, b, wq)
+            if nq and nu:
+                phases[a, b, :, q0:q0 + nq, u0:u0 + nu] = x_nhwc[:, x0::sh, y0::sw][:, :nq, :nu]
+    return phases.reshape(sh * sw * geo.rows, c)
+
+
+def implicit_conv2d_forward_xp(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, relu=False):
+    """:func:`implicit_conv2d_forward` on any array module (see the notes above this function)."""
+    xp = xp_of(x)
+    stride_pair = pair(stride, "stride", 1)
+    pads = implicit_pads(x.shape, weight.shape, stride, padding, dilation, groups)
+    if pads is None:
+        raise ValueError("the implicit-GEMM path computes zero-padded convolutions of a non-empty 4-D batch; "
+                         f"got input {tuple(x.shape)}, weight {tuple(weight.shape)}, padding {padding}")
+    dilation = pair(dilation, "dilation", 1)
+    out_channels, cg, kh, kw = weight.shape
+    og = out_channels // groups
+    n = x.shape[0]
+    geo = geometry(x.shape, (kh, kw), stride_pair, pads, dilation)
+    (hq, wq), (oh, ow), m = geo.grid, geo.out_hw, geo.m
+    grid = _grid_xp(xp, x, pads, stride_pair, geo)
+    stored = xp.ascontiguousarray(weight.transpose(2, 3, 1, 0))      # (kh, kw, cg, O)
+    out = xp.empty((geo.rows, out_channels), dtype=x.dtype)
+    for tap, offset in enumerate(geo.offsets):
+        i, j = divmod(tap, kw)
+        for g in range(groups):
+            slab_gemm(xp, grid[offset:offset + m, g * cg:(g + 1) * cg], stored[i, j, :, g * og:(g + 1) * og],
+                      out[:m, g * og:(g + 1) * og], tap > 0)
+    y = xp.ascontiguousarray(out.reshape(n, hq, wq, out_channels)[:, :oh, :ow])
+    if bias is not None:
+        y += bias
+    if relu:
+        xp.maximum(y, 0, out=y)
+    cache = ImplicitCache(x, weight, tuple(x.shape), (oh, ow), pads, dilation, groups, bias is not None, "taps",
+                          stride_pair)
+    return y.transpose(0, 3, 1, 2), cache
+
+
+def implicit_conv2d_backward_xp(dy, cache: ImplicitCache, need_input_grad=True, *, need_weight_grad=True,
+                                need_bias_grad=None):
+    """:func:`implicit_conv2d_backward` on any array module."""
+    xp = xp_of(dy)
+    need_bias_grad = need_weight_grad if need_bias_grad is None else need_bias_grad
+    out_channels, cg, kh, kw = cache.weight.shape
+    og, groups = out_channels // cache.groups, cache.groups
+    n, c, h, w = cache.x_shape
+    geo = geometry(cache.x_shape, (kh, kw), cache.stride, cache.pads, cache.dilation)
+    (hq, wq), (oh, ow), m = geo.grid, geo.out_hw, geo.m
+    dbias = dy.sum(axis=(0, 2, 3)) if cache.has_bias and need_bias_grad else None
+    if not (need_input_grad or need_weight_grad):
+        return None, None, dbias
+    dgrid = xp.zeros((n, hq, wq, out_channels), dtype=dy.dtype)
+    dgrid[:, :oh, :ow] = dy.transpose(0, 2, 3, 1)
+    drows = dgrid.reshape(geo.rows, out_channels)
+    stored = xp.ascontiguousarray(cache.weight.transpose(2, 3, 1, 0))
+    dweight = dx = None
+    if need_weight_grad:
+        grid = _grid_xp(xp, cache.x, cache.pads, cache.stride, geo)
+        dstored = xp.empty((kh, kw, cg, out_channels), dtype=dy.dtype)
+        for tap, offset in enumerate(geo.offsets):
+            i, j = divmod(tap, kw)
+            for g in range(groups):
+                slab_gemm(xp, grid[offset:offset + m, g * cg:(g + 1) * cg], drows[:m, g * og:(g + 1) * og],
+                          dstored[i, j, :, g * og:(g + 1) * og], False, trans_a=True)
+        dweight = dstored.transpose(3, 2, 0, 1)
+        del grid
+    if need_input_grad:
+        dflat = xp.zeros((geo.input_rows, c), dtype=dy.dtype)
+        for tap, offset in enumerate(geo.offsets):
+            i, j = divmod(tap, kw)
+            for g in range(groups):
+                slab_gemm(xp, drows[:m, g * og:(g + 1) * og], stored[i, j, :, g * og:(g + 1) * og],
+                          dflat[offset:offset + m, g * cg:(g + 1) * cg], True, trans_b=True)
+        (top, _), (left, _) = cache.pads
+        if geo.shared:
+            dx = xp.ascontiguousarray(dflat[:geo.rows].reshape(n, hq, wq, c)[:, top:top + h, left:left + w])
+        else:
+            sh, sw = cache.stride
+            phases = dflat.reshape(sh, sw, n, hq, wq, c)
+            dx = xp.empty((n, h, w, c), dtype=dy.dtype)
+            for a in range(sh):
+                q0, x0, nq = _phase_slices(h, top, sh, a, hq)
+                for b in range(sw):
+                    u0, y0, nu = _phase_slices(w, left, sw, b, wq)
+                    if nq and nu:
+                        dx[:, x0::sh, y0::sw][:, :nq, :nu] = phases[a, b, :, q0:q0 + nq, u0:u0 + nu]
+        dx = dx.transpose(0, 3, 1, 2)
     return dx, dweight, dbias
