@@ -14,7 +14,10 @@ are a *contiguous slab* of ``P``, shifted by a constant.  So, per group, with ``
 
 ``M = (N-1)*Hp*Wp + (OH-1)*Wp + OW`` covers every valid output row, and ``off_ij + M`` never
 passes the end of ``P``.  Rows of the padded grid outside the ``OH x OW`` window are computed and
-thrown away (7% more rows at 56x56 with padding 1, 29% at 14x14, 65% at 7x7).  The accumulation
+thrown away.  The "taps" variant shares the padding between neighbours (:func:`geometry`): a
+line is ``left`` zeros and ``W`` pixels, and a read past its end lands in the next line's zeros,
+so a 3x3 "same" layer computes ``(H+1)(W+1)`` rows for ``H*W`` outputs (4% more at 56x56, 15% at
+14x14, 31% at 7x7) instead of ``(H+2)(W+2)`` (7%, 31%, 65%).  The accumulation
 needs BLAS's ``beta = 1`` and leading dimensions, which ``numpy.matmul`` lacks; the calls go to
 ``cblas_sgemm``/``cblas_dgemm`` of the BLAS NumPy loaded (:func:`numres.blas.cblas_gemm`), on
 NumPy's own buffers.
@@ -45,8 +48,12 @@ one row matrix.  Tap ``(i, j)`` then reads phase ``(i*dh mod sh, j*dw mod sw)`` 
 (:func:`geometry`).  The phase split is one copy of the input (im2col's patch matrix for a 3x3
 stride-2 layer is 2.25 times the input).  ``variant="rows"`` is stride 1 only.
 
+Threads.  Each of numres's threads takes a range of rows and runs single-threaded GEMMs on
+cache-sized blocks of it, OpenBLAS set to one thread meanwhile (:func:`split_rows`).
+
 Which is faster depends on the layer (:mod:`numres.functional.conv_algorithms` chooses, and
 docs/implicit_gemm.md has the measurements).  Padding modes other than zeros stay with im2col.
+:func:`implicit_conv2d_forward_xp` is the same on any array module (CuPy: cuBLAS).
 """
 from __future__ import annotations
 
