@@ -148,43 +148,33 @@ def _textbook_bn_relu_backward(ops, dout, caches):
     return ops.batchnorm_backward(dz, bn_cache)
 
 
-def rung_reference(unit):
+def _conv_then_textbook_bn(unit, conv_forward, conv_backward, x, dy):
+    """A rung whose convolution is ``conv_forward``/``conv_backward`` and whose BN and ReLU are the textbook's."""
     def forward():
-        y, conv_cache = R.conv2d_forward(unit.x, unit.weight, None, 1, 1)
+        y, conv_cache = conv_forward(x)
         out, caches = _textbook_bn_relu(R, y, unit)
         return out, (conv_cache, caches)
 
     def backward(cache):
         conv_cache, caches = cache
-        dy, _, _ = _textbook_bn_relu_backward(R, unit.dy, caches)
-        return R.conv2d_backward(dy, conv_cache)[0]
+        dz, _, _ = _textbook_bn_relu_backward(R, dy, caches)
+        return conv_backward(dz, conv_cache)
     return forward, backward
+
+
+def rung_reference(unit):
+    return _conv_then_textbook_bn(unit, lambda x: R.conv2d_forward(x, unit.weight, None, 1, 1),
+                                  lambda dz, cache: R.conv2d_backward(dz, cache)[0], unit.x, unit.dy)
 
 
 def rung_im2col(unit):
-    def forward():
-        y, conv_cache = conv_im2col_nchw_forward(unit.x, unit.weight)
-        out, caches = _textbook_bn_relu(R, y, unit)
-        return out, (conv_cache, caches)
-
-    def backward(cache):
-        conv_cache, caches = cache
-        dy, _, _ = _textbook_bn_relu_backward(R, unit.dy, caches)
-        return conv_im2col_nchw_backward(dy, conv_cache)[0]
-    return forward, backward
+    return _conv_then_textbook_bn(unit, lambda x: conv_im2col_nchw_forward(x, unit.weight),
+                                  lambda dz, cache: conv_im2col_nchw_backward(dz, cache)[0], unit.x, unit.dy)
 
 
 def rung_channels_last(unit):
-    def forward():
-        y, conv_cache = conv_im2col_nhwc_forward(unit.x_cl, unit.weight_khwio)
-        out, caches = _textbook_bn_relu(R, y, unit)
-        return out, (conv_cache, caches)
-
-    def backward(cache):
-        conv_cache, caches = cache
-        dy, _, _ = _textbook_bn_relu_backward(R, unit.dy_cl, caches)
-        return conv_im2col_nhwc_backward(dy, conv_cache)[0]
-    return forward, backward
+    return _conv_then_textbook_bn(unit, lambda x: conv_im2col_nhwc_forward(x, unit.weight_khwio),
+                                  lambda dz, cache: conv_im2col_nhwc_backward(dz, cache)[0], unit.x_cl, unit.dy_cl)
 
 
 def _engine_conv(unit, bn_ops, fused_relu, conv_forward=None, conv_backward=None):
