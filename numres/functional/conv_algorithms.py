@@ -53,6 +53,7 @@ and the choice can differ between runs on a noisy machine.
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 import warnings
 
@@ -245,9 +246,11 @@ def _shape_key(x_shape, weight_shape, stride, padding, dilation, groups, xp):
             im2col_conv.pair(dilation, "dilation", 1), groups, _setting["winograd_tile"])
 
 
-def measure_conv_algorithms(x, weight, bias, padding, ops=None, repeats=1, *, stride=1, dilation=1, groups=1,
+def measure_conv_algorithms(x, weight, bias, padding, ops=None, repeats=3, *, stride=1, dilation=1, groups=1,
                             algorithms=None):
-    """Seconds for forward + backward of each algorithm on this input (after one warm-up run each).
+    """Median seconds for forward + backward of each algorithm on this input, over ``repeats`` runs
+    taken in turn (one of each, then again), after one warm-up run each: a noisy moment on a busy
+    machine then hits every algorithm alike.
 
     ``algorithms`` maps each algorithm to time to the padding it takes (by default im2col and
     Winograd, both with ``padding``).
@@ -264,16 +267,17 @@ def measure_conv_algorithms(x, weight, bias, padding, ops=None, repeats=1, *, st
             *implicit_conv2d_forward(x, weight, bias, stride, pads, dilation, groups)),
     }
     runs = {name: makers[name](pads) for name, pads in algorithms.items()}
-    seconds = {}
-    for name, run in runs.items():
+    for run in runs.values():
         run()
-        synchronize(backend)
-        start = time.perf_counter()
-        for _ in range(repeats):
+    samples = {name: [] for name in runs}
+    for _ in range(max(1, repeats)):
+        for name, run in runs.items():
+            synchronize(backend)
+            start = time.perf_counter()
             run()
-        synchronize(backend)
-        seconds[name] = (time.perf_counter() - start) / repeats
-    return seconds
+            synchronize(backend)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, ops=None, relu=False,
