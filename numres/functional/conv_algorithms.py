@@ -24,17 +24,18 @@ for ``OH*OW`` wanted (neighbouring lines and images share their padding: 1.04x a
 of ``9C``.  Measured (AMD EPYC with AVX-512, OpenBLAS SkylakeX kernel, float32, batch 8, medians
 of 6 interleaved runs on a machine shared with other jobs), forward / backward relative to im2col:
 
-    3x3 layer        one thread (CPU time)    two threads (wall, less loaded moments)
-    64 at 56         0.74 / 0.74              0.51 / 0.61
-    128 at 28        0.80 / 0.84              0.51 / 0.72
-    256 at 14        1.01 / 1.00
-    512 at 7         1.25 / 1.21
+    3x3 layer        one thread (CPU time)    two threads (wall, four runs at load 2.5-4)
+    64 at 56         0.74 / 0.74              0.51-0.67 / 0.51-0.64
+    128 at 28        0.80 / 0.84              0.50-0.68 / 0.72-0.78
+    256 at 14        1.01 / 1.00              0.59-0.89 / 0.82-0.98
+    512 at 7         1.25 / 1.21              0.33-0.73 / 0.99-1.17
     and at N=32, one thread: 16 at 32 0.48 / 0.33, 32 at 16 0.65 / 0.58, 64 at 8 0.79 / 0.76;
     1x1 layers: 1.00 / 0.95-1.10 (the same one GEMM)
 
 So "auto" takes it (:func:`auto_prefers_implicit`) for stride-1 kernels larger than 1x1 with at
-least 16 channels in and out per group, where the grid has at most 10% more rows than the
-output, or at most 30% more for layers of at most 64 channels (where im2col's copy weighs most).
+least 16 channels in and out per group, where the grid has at most 15% more rows than the
+output (a 3x3 "same" layer down to 14x14), or at most 30% more for layers of at most 64 channels
+(where im2col's copy weighs most).
 Winograd's rule (one BLAS thread) is asked first.  Strided layers (the padded input split into
 its stride x stride phases, each a stride-1 problem on a common grid) measured 0.95-1.08 /
 0.72-0.91 of im2col's time at 56x56 with 64-128 channels, and 1.1-1.35 at 28x28 and 14x14, 1x1
@@ -225,7 +226,7 @@ def auto_prefers_implicit(x_shape, weight_shape, pads, dilation=1, groups=1):
         return False
     geo = implicit_geometry(x_shape, (kh, kw), (1, 1), pads, dilation)
     extra = geo.grid[0] * geo.grid[1] / (geo.out_hw[0] * geo.out_hw[1])
-    return extra <= 1.10 or (extra <= 1.30 and max(x_shape[1], out_channels) <= 64)
+    return extra <= 1.15 or (extra <= 1.30 and max(x_shape[1], out_channels) <= 64)
 
 
 def auto_prefers_winograd(n, in_channels, out_channels, out_hw, tile=2):
