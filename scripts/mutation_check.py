@@ -890,6 +890,7 @@ def build_report(options, mutants, results, deselected, selection_errors, second
         "jobs": options.jobs,
         "timeout_s": options.timeout,
         "sampled": bool(options.max_mutants),
+        "notes": options.note or [],
         "seconds": round(seconds, 1),
         "pytest_flags": PYTEST_FLAGS,
         "selections": selections,
@@ -937,6 +938,15 @@ def markdown(report, before=None):
            f"- package dirs: {', '.join(report['package_dirs'])}",
            f"- run: `python scripts/mutation_check.py` ({report['isolation']} isolation, {report['jobs']} job(s), "
            f"{report['timeout_s']} s per mutant, {report['seconds']} s in all)", ""]
+    out += ["## How to read this", "",
+            "Each mutant is one small change to one backward function (the rules are listed in "
+            "`scripts/mutation_check.py`); it is killed when a test of its selection (below) fails, and each "
+            "killing test is re-run on the original code to confirm that it passes there.  The kill rate leaves "
+            "out the documented equivalent mutants, which change nothing observable.  'Killed by an exception' "
+            "means the mistake crashed a test (a shape or type error) rather than giving a wrong number.", ""]
+    out += [f"- {note}" for note in report.get("notes", [])]
+    if report.get("notes"):
+        out.append("")
     if before is not None:
         b = before["summary"]
         out += ["## Kill rate", "", "| | mutants counted | killed | survived | equivalent | kill rate |",
@@ -963,8 +973,8 @@ def markdown(report, before=None):
     out += ["", "## Equivalent mutants (change nothing observable; not counted)", ""]
     if equivalents:
         out += ["| function | line | kind | mutation | why |", "|---|---|---|---|---|"]
-        out += [f"| `{r['function']}` | {r['line']} | {r['kind']} | `{r['original']}` → `{r['mutated']}`{_where(r)} | "
-                f"{r['reason']} |" for r in equivalents]
+        out += [f"| `{r['function']}` | {r['line']} | {r['kind']} | `{r['original']}` → `{r['mutated']}`"
+                f"{_where(r)} | {r['reason']} |" for r in equivalents]
     else:
         out.append("None.")
     if before is not None:
@@ -988,7 +998,7 @@ def _other_section(other):
            f"{s['killed']} of {s['counted']} mutants killed: **{(s['kill_rate'] or 0):.1%}** ({s['equivalent']} "
            f"equivalent, {s['errors']} errors; by assertion {s['killed_by_assertion']}, by exception "
            f"{s['killed_by_exception']}, by timeout {s['killed_by_timeout']}).", ""]
-    survivors = _survivor_lines(other["mutants"])
+    survivors = _survivor_lines(other.get("mutants", other.get("survivors", [])))
     out += ["| file | function | line | kind | mutation |", "|---|---|---|---|---|", *survivors] if survivors \
         else ["No survivors."]
     if other.get("deselected_broken_tests"):
@@ -1031,6 +1041,9 @@ def parse(argv=None):
     parser.add_argument("--json", help="write the full result here")
     parser.add_argument("--report", help="write REPORT.json and REPORT.md")
     parser.add_argument("--before", help="an earlier result (.json) to quote as 'before'")
+    parser.add_argument("--note", action="append", help="a line for the report's notes")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite REPORT.md from REPORT.json (with --report; --note replaces the notes)")
     parser.add_argument("--also", action="append", metavar="RESULT.json",
                         help="another run's result (e.g. of numres/reference) to add to the report as a section")
     parser.add_argument("--rerun-survivors", metavar="EARLIER.json",
@@ -1057,6 +1070,20 @@ def main(argv=None):
             json.dump({"mutants": [asdict(m) for m in mutants], "results": results, "deselected": deselected,
                        "errors": errors, "seconds": seconds,
                        "table": {p: {f: list(s) for f, s in fs.items()} for p, fs in table.items()}}, handle)
+        return 0
+    if options.render:
+        with open(options.report + ".json") as handle:
+            report = json.load(handle)
+        if options.note:
+            report["notes"] = options.note
+        before = report.get("before")
+        if before is not None:
+            before = dict(before, mutants=before["survivors"])
+        text = markdown(report, before) + "".join(_other_section(o) for o in report.get("other_runs", []))
+        with open(options.report + ".json", "w") as handle:
+            json.dump(report, handle, indent=1)
+        with open(options.report + ".md", "w") as handle:
+            handle.write(text)
         return 0
     if options.list:
         for m in select_mutants(options, REPO):
