@@ -14,7 +14,7 @@ setting                what it switches
 reference_mode         every layer runs :mod:`numres.reference` (the textbook) instead of the engine
 grad_enabled           False inside ``nr.no_grad()``: forward keeps nothing for backward
 batchnorm_folding      evaluation-mode BatchNorm folded into the convolution before it
-conv_algorithm         "im2col", "winograd" or "auto" (:mod:`numres.functional.conv_algorithms`)
+conv_algorithm         "im2col", "winograd", "implicit" or "auto" (:mod:`numres.functional.conv_algorithms`)
 num_threads            numres's own thread pool (BatchNorm tiles, im2col, Winograd transforms)
 tf32                   TF32 tensor-core math for float32 GEMMs on the GPU (CuPy only)
 =====================  ==========================================================================

@@ -12,6 +12,7 @@ import torch
 
 import numres as nr
 import torch_reference as R
+from numres.functional import conv_algorithms
 from numres.functional.dispatch import ops_for
 
 TOL64 = 1e-10
@@ -112,10 +113,12 @@ def test_frozen_layers_skip_their_weight_gradient_work(monkeypatch):
     _freeze_all_but_fc(model).train()
     ops = ops_for(model.backend)
     spies = {}
-    for op, keyword in [("conv2d_backward", "need_weight_grad"), ("batchnorm_backward", "need_param_grads"),
-                        ("linear_backward", "need_weight_grad")]:
-        spies[op] = _Spy(getattr(ops, op), keyword)
-        monkeypatch.setattr(ops, op, spies[op])
+    # Convolutions are spied where every algorithm's backward is chosen (im2col, Winograd, implicit GEMM).
+    for owner, op, keyword in [(conv_algorithms, "conv2d_backward", "need_weight_grad"),
+                               (ops, "batchnorm_backward", "need_param_grads"),
+                               (ops, "linear_backward", "need_weight_grad")]:
+        spies[op] = _Spy(getattr(owner, op), keyword)
+        monkeypatch.setattr(owner, op, spies[op])
     x = np.random.default_rng(3).standard_normal((2, 3, 32, 32))
     logits = model(x)
     model.backward(np.random.default_rng(4).standard_normal(logits.shape))
