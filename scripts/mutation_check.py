@@ -1012,8 +1012,14 @@ def _other_section(other):
 # =============================================================================================================
 
 def copy_repository(destination, without=()):
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                            check=True).stdout.decode().split("\0")
+    try:
+        listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                                capture_output=True, check=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):      # not a git checkout: the package, tests and scripts
+        listed = ["pyproject.toml"] + [
+            os.path.relpath(os.path.join(folder, name), REPO)
+            for top in ("numres", "tests", "scripts") for folder, _, names in os.walk(os.path.join(REPO, top))
+            if "__pycache__" not in folder for name in names]
     for path in filter(None, listed):
         if path in without:
             continue
