@@ -559,7 +559,7 @@ class _Runner:
 
     def __init__(self, root, jobs, isolation):
         self.root, self.jobs, self.isolation = root, jobs, isolation
-        self.scratch = tempfile.mkdtemp(prefix="mutation-results-")
+        self.scratch = tempfile.mkdtemp(prefix=".mutation-results-", dir=root)     # removed with the copy
         self.count = 0
         self.progress = False
 
