@@ -118,6 +118,9 @@ SELECTIONS = {
     "weight_gradient_from": _WINOGRAD,
     "output_tile_gradients": _WINOGRAD,
     "folded_conv_bn_backward": (["tests/test_fusion.py"], "backward or frozen or folded_conv_bn"),
+    **{name: (["tests/test_implicit_gemm.py"],
+              "not resnet18 and not thread_timeout and not benchmark_mode and not auto_rule and not gpu_path")
+       for name in ("implicit_conv2d_backward", "implicit_conv2d_backward_xp", "grid_gradient", "unphase_rows")},
 }
 # Any other package dir (numres/reference): every top-level ``*_backward`` function, and col2im, against
 # its selection here (plus the mutants' own tests that name the function).
@@ -160,6 +163,20 @@ EQUIVALENT_RULES += [
      "tile_grid reads only the first two sizes it is given, (OH, OW); the third, O, is ignored"),
     (_W, "output_tile_gradients", "drop-term", ("a * a * tiles_w * o", "a * a * tiles_w", "a * a"), None,
      "map_tiles(transform, count * tiles_h, a * a * tiles_w * o, xp, TRANSFORM_TILE_ELEMENTS)", _WORK_SIZE),
+]
+
+
+_I = "numres/functional/implicit_gemm.py"
+_ZERO_FIRST = ("the block is zero-filled and every tap then accumulates (beta = 1), which gives what letting the "
+               "first tap write it does: an extra pass, not a different sum")
+EQUIVALENT_RULES += [
+    (_I, "implicit_conv2d_backward", "compare", "spans[0][2] + spans[0][1] > a", "spans[0][2] + spans[0][1] >= a",
+     "if not spans or spans[0][2] + spans[0][1] > a", _ZERO_FIRST),
+    (_I, "implicit_conv2d_backward", "mask", "spans[0][2] + spans[0][1] > a", "True",
+     "if not spans or spans[0][2] + spans[0][1] > a", _ZERO_FIRST),
+    (_I, "implicit_conv2d_backward_xp", "slice", ":nq", ":nq + 1", "dx[:, x0::sh, y0::sw][:, :nq, :nu] =",
+     "the phase grid covers the whole input, so nq is the length of the strided view dx[:, x0::sh] and a "
+     "slice one further ends at the same place"),
 ]
 
 
@@ -991,16 +1008,34 @@ def markdown(report, before=None):
     return "\n".join(out) + "\n"
 
 
+def _other_run(other):
+    """What the report keeps of another run: its summary, survivors and equivalents."""
+    kept = {k: other.get(k) for k in ("date", "commit", "package_dirs", "seconds", "summary", "sampled", "notes",
+                                      "deselected_broken_tests")}
+    rows = other.get("mutants", [])
+    kept["functions"] = sorted({r["function"] for r in rows})
+    kept["survivors"] = [r for r in rows if r["status"] == "survived"]
+    kept["equivalents"] = [r for r in rows if r["status"] == "equivalent"]
+    return kept
+
+
 def _other_section(other):
     s = other["summary"]
-    out = ["", f"## {', '.join(other['package_dirs'])} ({other['date']}, commit {other['commit']}, "
-           f"{other['seconds']} s)", "",
+    functions = f": {', '.join(other['functions'])}" if other.get("functions") else ""
+    out = ["", f"## {', '.join(other['package_dirs'])}{functions} ({other['date']}, commit {other['commit']}, "
+           f"{other['seconds']} s{', a seeded sample' if other.get('sampled') else ''})", "",
            f"{s['killed']} of {s['counted']} mutants killed: **{(s['kill_rate'] or 0):.1%}** ({s['equivalent']} "
            f"equivalent, {s['errors']} errors; by assertion {s['killed_by_assertion']}, by exception "
            f"{s['killed_by_exception']}, by timeout {s['killed_by_timeout']}).", ""]
-    survivors = _survivor_lines(other.get("mutants", other.get("survivors", [])))
+    out += [f"- {note}" for note in other.get("notes") or []] + ([""] if other.get("notes") else [])
+    survivors = _survivor_lines(other.get("survivors", []))
     out += ["| file | function | line | kind | mutation |", "|---|---|---|---|---|", *survivors] if survivors \
         else ["No survivors."]
+    equivalents = other.get("equivalents", [])
+    if equivalents:
+        out += ["", "Equivalent (not counted): " + "; ".join(
+            f"`{r['function']}` line {r['line']} `{r['original']}` → `{r['mutated']}`: {r['reason']}"
+            for r in equivalents)]
     if other.get("deselected_broken_tests"):
         out += ["", "Deselected (failed on the original code too): " +
                 ", ".join(f"`{n}`" for n in other["deselected_broken_tests"])]
@@ -1082,6 +1117,10 @@ def main(argv=None):
             report = json.load(handle)
         if options.note:
             report["notes"] = options.note
+        for path in options.also or []:
+            with open(path) as handle:
+                other = json.load(handle)
+            report.setdefault("other_runs", []).append(_other_run(other))
         before = report.get("before")
         if before is not None:
             before = dict(before, mutants=before["survivors"])
@@ -1148,11 +1187,7 @@ def main(argv=None):
         for path in options.also or []:
             with open(path) as handle:
                 others.append(json.load(handle))
-        report["other_runs"] = [{k: o[k] for k in ("date", "commit", "package_dirs", "seconds", "summary",
-                                                   "deselected_broken_tests")}
-                                | {"survivors": [r for r in o["mutants"] if r["status"] == "survived"],
-                                   "equivalents": [r for r in o["mutants"] if r["status"] == "equivalent"]}
-                                for o in others]
+        report["other_runs"] = [_other_run(o) for o in others]
         text = markdown(report, before)
         for other in others:
             text += _other_section(other)

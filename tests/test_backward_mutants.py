@@ -197,3 +197,29 @@ def test_conv2d_backward_follows_the_forward_algorithm(algorithm):
     _close(dx, tx.grad, "dx")
     _close(dweight, tw.grad, "dweight")
     _close(dbias, tb.grad, "dbias")
+
+
+# --- implicit_conv2d_backward_xp ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("need_input_grad, need_weight_grad", [(False, False), (True, False), (False, True)])
+def test_implicit_conv2d_backward_xp_with_gradients_skipped(need_input_grad, need_weight_grad):
+    """The generic implicit-GEMM backward asked for some gradients only (a frozen weight, a stem with no dx, a
+    bias alone): the ones asked for against autograd, the others None."""
+    from numres.functional import implicit_gemm as I
+    rng = np.random.default_rng(45)
+    x, weight, bias = rng.standard_normal((2, 3, 7, 6)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    y, cache = I.implicit_conv2d_forward_xp(x, weight, bias, 2, 1)
+    dy = rng.standard_normal(y.shape)
+    dx, dweight, dbias = I.implicit_conv2d_backward_xp(dy, cache, need_input_grad, need_weight_grad=need_weight_grad,
+                                                       need_bias_grad=True)
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, weight, bias))
+    TF.conv2d(tx, tw, tb, stride=2, padding=1).backward(torch.tensor(dy))
+    _close(dbias, tb.grad, "dbias")
+    if need_input_grad:
+        _close(dx, tx.grad, "dx")
+    else:
+        assert dx is None
+    if need_weight_grad:
+        _close(dweight, tw.grad, "dweight")
+    else:
+        assert dweight is None
