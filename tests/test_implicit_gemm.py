@@ -56,6 +56,9 @@ CASES = [   # n, c, o, h, w, kernel, padding, dilation, groups
     (2, 3, 4, 6, 5, 3, "same", 1, 1),
     (2, 3, 4, 6, 5, (2, 4), "same", (1, 2), 1),     # "same" with an odd total: asymmetric padding
     (1, 2, 3, 5, 4, 3, "valid", 1, 1),
+    (2, 4, 3, 5, 9, 3, 0, 2, 1),          # dilated with a single output row (the taps' first span)
+    (2, 4, 3, 5, 5, 3, 0, (2, 1), 1),     # ... and with a single output pixel per row's first span
+    (2, 4, 6, 5, 12, 3, 0, 2, 2),
 ]
 
 
