@@ -523,3 +523,27 @@ def test_thread_timeout_whatever_the_import_order(numpy_first):
     timeout, spent = out.stdout.split()
     assert int(timeout) == 4
     assert float(spent) < 0.02          # a spinning worker would burn ~0.1 s of CPU per sleep
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_gradient_bits_do_not_depend_on_the_thread_count(dtype):
+    """dW's K (the pixel rows) is cut by the shape alone, and the partial GEMMs summed in a fixed order:
+    one thread or two, numres's or BLAS's, the bits agree, so a seeded run resumes bit-identically
+    whatever threads it gets (a split by the worker count once broke test_cli_train's resume)."""
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((4, 16, 64, 64)).astype(dtype)
+    weight = stored_weight(rng.standard_normal((16, 16, 3, 3)).astype(dtype))
+    y, cache = implicit_conv2d_forward(x, weight, None, 1, 1)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    assert IG.weight_gradient_parts(4 * 66 * 66) > 1                     # the case that splits
+    results = []
+    saved = nr.parallel.get_num_threads()
+    try:
+        for numres_threads, blas_count in [(1, 1), (2, 2), (2, 1), (1, 2)]:
+            nr.parallel.set_num_threads(numres_threads)
+            with blas.blas_threads(blas_count):
+                results.append(implicit_conv2d_backward(dy, cache))
+    finally:
+        nr.parallel.set_num_threads(saved)
+    for dx, dw, _ in results[1:]:
+        assert np.array_equal(dw, results[0][1]) and np.array_equal(dx, results[0][0])

@@ -125,6 +125,8 @@ def _gemm(dtype):
 
 
 _ROW, _N, _T = 101, 111, 112
+WEIGHT_GRADIENT_PARTS = 4       # at most this many partial dW GEMMs (as many as threads numres is meant for)
+WEIGHT_GRADIENT_PART_ROWS = 4096   # ... each over at least this many pixel rows
 BLOCK_ELEMENTS = 1 << 17       # output elements per block of rows (512 KiB of float32): stays in L2 over the taps
 
 
@@ -157,6 +159,33 @@ def split_rows(total, function, block_rows):
         bounds = sorted({total * part // workers for part in range(workers + 1)})     # no empty ranges
         with single_threaded_blas():
             run_parts(lambda index: function(bounds[index], bounds[index + 1], block_rows), len(bounds) - 1)
+
+
+def weight_gradient_parts(rows: int) -> int:
+    """How many ranges of pixel rows the weight gradient's K is cut into: by the shape alone.
+
+    Each range's partial ``dW`` is a GEMM of its own, and the partials are summed in a fixed order,
+    so the bits of ``dW`` depend on the shape only, never on how many threads happen to run: a
+    seeded run resumed in another process (or with another thread count) stays bit-identical.
+    """
+    return max(1, min(WEIGHT_GRADIENT_PARTS, rows // WEIGHT_GRADIENT_PART_ROWS))
+
+
+def split_fixed(total, function, parts):
+    """Run ``function(lo, hi, hi - lo)`` on ``parts`` ranges covering ``[0, total)`` whose bounds do not
+    depend on the thread count: on numres's pool with single-threaded BLAS where there are GEMM workers,
+    else one after the other, each GEMM threaded by BLAS (which splits M and N, never K)."""
+    bounds = [total * part // parts for part in range(parts + 1)]
+
+    def run(index):
+        function(bounds[index], bounds[index + 1], max(1, bounds[index + 1] - bounds[index]))
+
+    if gemm_workers() > 1:
+        with single_threaded_blas():
+            run_parts(run, parts)
+    else:
+        for index in range(parts):
+            run(index)
 
 
 # --- the padded grid ---------------------------------------------------------------------------------
@@ -495,7 +524,7 @@ def implicit_conv2d_backward(dy, cache: ImplicitCache, need_input_grad=True, *, 
                                  d_ptr + (a * out_channels + g * og) * size, out_channels, 0.0 if a == lo else 1.0,
                                  t_ptr + (tap * cg * out_channels + g * og) * size, out_channels)
 
-            split_rows(m, pixels, m)
+            split_fixed(m, pixels, weight_gradient_parts(m))
             for lo in sorted(partials):                 # a fixed order: the sum does not depend on timing
                 dstored += partials[lo]
         else:
