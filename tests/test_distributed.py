@@ -409,5 +409,7 @@ def test_two_rank_run_resumes_bit_exactly(tmp_path):
 def test_a_failing_train_rank_aborts_the_job_with_its_message(tmp_path):
     process = run_train(tmp_path, tmp_path / "bad", "--epochs", 1, "--batch-size", 33, timeout=60)
     assert process.returncode != 0
+    # The job ends (non-zero) with the rank's one-line message.  Whether MPICH's own "MPI_Abort" line
+    # also reaches stderr before mpiexec exits is a race, so it is not asserted.
     assert "batch size 33 does not split evenly over 2 processes" in process.stderr
-    assert "MPI_Abort" in process.stderr or "aborting" in process.stderr
+    assert "Traceback" not in process.stderr
