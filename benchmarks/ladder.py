@@ -33,7 +33,7 @@ sys.path[:0] = [ROOT, HERE]
 import numres as nr  # noqa: E402
 import numres.reference as R  # noqa: E402
 from numres import functional as F  # noqa: E402
-from numres.functional import winograd  # noqa: E402
+from numres.functional import implicit_gemm, winograd  # noqa: E402
 
 N, C, SIDE, K = 8, 64, 56, 3
 EPS, MOMENTUM = 1e-5, 0.1
@@ -245,6 +245,15 @@ def eval_unfolded_and_folded(unit):
     return unfolded, folded
 
 
+def rung_implicit(unit):
+    def forward(x, w):
+        return implicit_gemm.implicit_conv2d_forward(x, w, None, 1, 1)
+
+    def backward(dy, cache):
+        return implicit_gemm.implicit_conv2d_backward(dy, cache)[0]
+    return _engine_conv(unit, F, fused_relu=True, conv_forward=forward, conv_backward=backward)
+
+
 RUNGS = [            # (name, title, factory); rung 7, folding, is evaluation-only and measured apart
     ("reference", "the textbook", rung_reference),
     ("im2col", "im2col + one GEMM", rung_im2col),
@@ -253,9 +262,10 @@ RUNGS = [            # (name, title, factory); rung 7, folding, is evaluation-on
     ("bn_tiles", "BatchNorm from x, in tiles on all cores", rung_bn_tiles),
     ("fused_relu", "ReLU fused into BatchNorm", rung_fused_relu),
     ("winograd", "Winograd F(2x2, 3x3)", rung_winograd),
+    ("implicit", "implicit GEMM: slab GEMMs, no patch matrix", rung_implicit),
 ]
 NUMBERS = {"reference": 1, "im2col": 2, "channels_last": 3, "chunked": 4, "bn_tiles": 5, "fused_relu": 6,
-           "winograd": 8}
+           "winograd": 8, "implicit": 9}
 
 
 # --- measuring ------------------------------------------------------------------------------------------
@@ -398,68 +408,122 @@ def main(argv=None):
     print(f"wrote {args.out} and {args.doc}")
 
 
+def total_ms(row):
+    return row["forward_ms"] + row["backward_ms"]
+
+
 def table(result):
-    rows = result["rows"]
-    base = rows[0]["forward_ms"] + rows[0]["backward_ms"]
-    torch_row = next((r for r in rows if r["rung"] == "torch_channels_last"), None)
-    lines = ["| rung | change | forward ms | backward ms | fwd+bwd vs textbook | fwd+bwd vs PyTorch (channels_last) "
-             "| peak MiB | dx error vs float64 |", "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        total = row["forward_ms"] + row["backward_ms"]
-        vs_torch = f"{total / (torch_row['forward_ms'] + torch_row['backward_ms']):.2f}x" if torch_row else "-"
+    rows = {row["rung"]: row for row in result["rows"]}
+    base = total_ms(rows["reference"])
+    torch_row = rows.get("torch_channels_last")
+    lines = ["| rung | change | forward ms | backward ms | fwd+bwd ms | speed-up over the textbook "
+             "| time / PyTorch channels_last | peak MiB | dx error vs float64 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        total = total_ms(row)
+        vs_torch = f"{total / total_ms(torch_row):.2f}" if torch_row else "-"
         peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
         error = "-" if row["dx_error"] is None else f"{row['dx_error']:.1e}"
         label = f"{NUMBERS[row['rung']]}. {row['rung']}" if row["rung"] in NUMBERS else row["rung"]
         lines.append(f"| {label} | {row['title']} | {row['forward_ms']:.1f} | {row['backward_ms']:.1f} | "
-                     f"{base / total:.1f}x faster | {vs_torch} | {peak} | {error} |")
+                     f"{total:.1f} | {base / total:.2f}x | {vs_torch} | {peak} | {error} |")
     e = result["eval_ms"]
     lines.append("")
-    lines.append(f"Evaluation-mode forward of the same unit in the engine: BatchNorm after the convolution "
+    lines.append(f"Evaluation-mode forward of the same unit in the engine (rung 7): BatchNorm after the convolution "
                  f"{e['unfolded']:.1f} ms, folded into it {e['folded']:.1f} ms "
                  f"({e['unfolded'] / e['folded']:.2f}x).")
     return "\n".join(lines)
 
 
-PARAGRAPHS = {
-    "reference": """**1. The textbook** (`numres/reference/conv.py`, `batchnorm.py`, `activation.py`). The convolution is a
-sum over the nine kernel offsets: for each `(i, j)`, one `(O, C) @ (C, pixels)` product with the input
-shifted by `(i, j)`. BatchNorm normalises to `x_hat`, scales and shifts; its backward is the textbook
-formula in `x_hat`; the ReLU is a separate pass. Every step allocates a fresh array. This is the code to
-read, and every rung below must give its numbers.""",
-    "im2col": """**2. im2col + one GEMM.** Copy every 3x3 window into one row of a patch matrix `(N*H*W, 9C)` and
-multiply once by the `(9C, O)` weight matrix. Nine small GEMMs become one large one that BLAS runs much
-closer to its peak, at the price of a 9x copy of the input. The backward is the adjoint: `dW = colsᵀ dy`,
-`dcols = dy Wᵀ` and col2im adds each window's gradient back onto its pixels. In NCHW storage the GEMM's
-output rows are pixel-major, so the result needs a transposing copy back to NCHW, and `dy` one the other way.""",
-    "channels_last": """**3. Channels-last storage.** Keep activations in NHWC memory behind their NCHW shape (PyTorch's
-`channels_last`). Then a window's 9C values are 3 contiguous runs, the GEMM's output already *is* the
+def _than(row, earlier):
+    """"2.1x faster than" / "1.3x slower than": ``row``'s fwd+bwd time against ``earlier``'s."""
+    ratio = total_ms(earlier) / total_ms(row)
+    if abs(ratio - 1) < 0.03:
+        return "about as fast as"
+    return f"{ratio:.2f}x faster than" if ratio >= 1 else f"{1 / ratio:.2f}x slower than"
+
+
+def _memory(row, earlier):
+    return f"peak memory {earlier['peak_mib']:.0f} -> {row['peak_mib']:.0f} MiB"
+
+
+def paragraphs(result):
+    """One paragraph per rung; every comparison in them is computed from this run's numbers."""
+    r = {row["rung"]: row for row in result["rows"]}
+    e = result["eval_ms"]
+    return {
+        "reference": f"""**1. The textbook** ([`numres/reference/conv.py`](../numres/reference/conv.py),
+[`batchnorm.py`](../numres/reference/batchnorm.py), [`activation.py`](../numres/reference/activation.py)).
+The convolution is a sum over the nine kernel offsets: for each `(i, j)`, one `(O, C) @ (C, pixels)`
+product per image with the input shifted by `(i, j)`. BatchNorm normalises to `x_hat`, scales and
+shifts; its backward is the textbook formula in `x_hat`; the ReLU is a separate pass. Every step
+allocates a fresh array. This is the code to read, and every rung below must give its numbers: the
+last column compares each rung's input gradient, in float32, with this code run in float64.""",
+        "im2col": f"""**2. im2col + one GEMM.** Copy every 3x3 window into one row of a patch matrix `(N*H*W, 9C)` and
+multiply once by the `(9C, O)` weight matrix; the backward is the adjoint: `dW = colsᵀ dy`, `dcols = dy
+Wᵀ`, and col2im adds each window's gradient back onto its pixels. Nine GEMMs with K = C become one with
+K = 9C. In NCHW storage the price is high: the patch matrix is a 9x copy of the input gathered across
+strided channel planes, the GEMM's pixel-major output needs a transposing copy back to NCHW, and `dy`
+one the other way. Here that rung is {_than(r["im2col"], r["reference"])} the textbook
+({_memory(r["im2col"], r["reference"])}): a bigger GEMM alone does not pay for the copies.""",
+        "channels_last": f"""**3. Channels-last storage.** Keep activations in NHWC memory behind their NCHW shape (PyTorch's
+`channels_last`). A window's 9C values are then 3 contiguous runs, the GEMM's output already *is* the
 NHWC result, and `dy` reads as a row matrix with no copy: both transposes of rung 2 disappear, and a 1x1
-convolution needs no patch matrix at all. The weight is stored `(kh, kw, I, O)`, so its matrix is a
-free view too.""",
-    "chunked": """**4. The chunked workspace** (`numres/functional/conv.py`: `im2col`, `col2im`, `image_chunks`). The
-engine builds the patch matrix a few images at a time (at most `WORKSPACE_ELEMENTS`, 16 MiB of float32),
-runs each chunk's GEMM into its slice of the output, and spreads the copies over the cores. Peak memory
-no longer grows with the batch, and the workspace is reused while it is still in cache.""",
-    "bn_tiles": """**5. BatchNorm from `x`, in tiles on all cores** (`numres/functional/batchnorm.py`). The textbook
-backward needs `x_hat` and two full-size temporaries. The engine rewrites `dx = g·a + x·b + c` with
-per-channel constants, takes the sums in one pass over cache-sized tiles of rows, and runs the tiles on
-the thread pool (`numres/parallel.py`).""",
-    "fused_relu": """**6. The ReLU fused into BatchNorm.** `batchnorm_train_forward(..., relu=True)` applies `max(·, 0)` to
-each tile while it is in cache, and the backward applies the mask in the same tile pass: one less pass
-over memory each way, and one less activation-sized array.""",
-    "winograd": """**8. Winograd F(2x2, 3x3)** (`numres/functional/winograd.py`), where it wins. It computes each 2x2 output
-tile with 16 multiplications instead of 36, as 16 GEMMs on transformed tiles. The transforms are extra
-passes over memory, so it wins only for wide layers with many pixels and, on this machine's two BLAS
-threads, rarely: `set_conv_algorithm("auto")` considers it only when BLAS runs on one thread
-(see `numres/functional/conv_algorithms.py`).""",
-}
+convolution needs no patch matrix at all. The weight is stored `(kh, kw, I, O)`, so its matrix is a free
+view too. Here it is {_than(r["channels_last"], r["im2col"])} rung 2.""",
+        "chunked": f"""**4. The chunked workspace** ([`numres/functional/conv.py`](../numres/functional/conv.py): `im2col`,
+`col2im`, `image_chunks`). The engine builds the patch matrix a few images at a time (at most
+`WORKSPACE_ELEMENTS`, 16 MiB of float32), runs each chunk's GEMM into its slice of the output, and
+spreads the copies over the cores. Here it is {_than(r["chunked"], r["channels_last"])} rung 3, and
+{_memory(r["chunked"], r["channels_last"])}: the workspace no longer grows with the batch.""",
+        "bn_tiles": f"""**5. BatchNorm from `x`, in tiles on all cores** ([`numres/functional/batchnorm.py`](../numres/functional/batchnorm.py)).
+The textbook backward needs `x_hat` and full-size temporaries. The engine rewrites `dx = g·a + x·b + c`
+with per-channel constants, takes the sums in one pass over cache-sized tiles of rows, and runs the
+tiles on the thread pool ([`numres/parallel.py`](../numres/parallel.py)). Here it is {_than(r["bn_tiles"], r["chunked"])} rung 4.""",
+        "fused_relu": f"""**6. The ReLU fused into BatchNorm.** `batchnorm_train_forward(..., relu=True)` applies `max(·, 0)`
+to each tile while it is in cache, and the backward applies the mask in the same tile pass: one pass
+over memory fewer each way, and one activation-sized array fewer. Here it is {_than(r["fused_relu"], r["bn_tiles"])} rung 5.
+
+**7. BatchNorm folded into the convolution (evaluation mode)** ([`numres/nn/fusion.py`](../numres/nn/fusion.py),
+[`numres/functional/fused.py`](../numres/functional/fused.py)). With running statistics BatchNorm is a
+per-channel affine map, so it folds into the convolution's weight and bias: `W' = W·γ/σ`,
+`b' = β - μ·γ/σ`. The folded convolution adds the bias and applies the ReLU to each chunk of GEMM output
+while it is in cache: no BatchNorm pass at all. On this unit's evaluation-mode forward: {e['unfolded']:.1f} ms
+unfolded, {e['folded']:.1f} ms folded. It is not in the training table because training-mode BatchNorm
+needs the batch's statistics.""",
+        "winograd": f"""**8. Winograd F(2x2, 3x3)** ([`numres/functional/winograd.py`](../numres/functional/winograd.py)).
+Each 2x2 output tile costs 16 multiplications instead of 36, as 16 GEMMs on transformed tiles; the
+transforms are extra passes over memory. Here it is {_than(r["winograd"], r["fused_relu"])} rung 6
+({_memory(r["winograd"], r["fused_relu"])}). It wins on one BLAS thread for wide layers, so
+`set_conv_algorithm("auto")` considers it only when BLAS runs on one thread (see
+[`numres/functional/conv_algorithms.py`](../numres/functional/conv_algorithms.py)).""",
+        "implicit": f"""**9. Implicit GEMM** ([`numres/functional/implicit_gemm.py`](../numres/functional/implicit_gemm.py),
+[docs/implicit_gemm.md](implicit_gemm.md)). Back to the textbook's sum over the kernel offsets, without
+its copies: pad the channels-last input once and view it as a matrix of rows, one per padded pixel;
+offset `(i, j)` then reads a contiguous slab of rows, so the layer is nine GEMMs accumulated in place
+(`C += A_slab @ W_ij`, BLAS's `beta = 1`, called through NumPy's own OpenBLAS), and the backward uses the
+same slabs, with no col2im. It is {_than(r["implicit"], r["fused_relu"])} rung 6 and
+{_than(r["implicit"], r["reference"])} the textbook ({_memory(r["implicit"], r["fused_relu"])}); this is what
+`"auto"` runs for this layer today.""",
+    }
+
+
+def _torch_summary(result):
+    rows = {row["rung"]: row for row in result["rows"]}
+    if "torch_channels_last" not in rows:
+        return "PyTorch was left out of this run (--no-torch)."
+    torch_row = rows["torch_channels_last"]
+    best = min((row for row in result["rows"] if row["rung"] in NUMBERS), key=total_ms)
+    return (f"PyTorch's channels_last unit takes {total_ms(torch_row):.1f} ms forward and backward; the textbook "
+            f"{total_ms(rows['reference']):.1f} ms ({total_ms(rows['reference']) / total_ms(torch_row):.2f}x), and "
+            f"numres's fastest rung, {NUMBERS[best['rung']]}. {best['rung']}, {total_ms(best):.1f} ms "
+            f"({total_ms(best) / total_ms(torch_row):.2f}x).")
 
 
 def chapter(result):
     machine_info = result["machine"]
     blas = "; ".join(f"{b.get('internal_api')} {b.get('version')} ({b.get('architecture')} kernel, "
                      f"{b.get('num_threads')} threads)" for b in machine_info["blas"])
-    e = result["eval_ms"]
     parts = [
         "# From textbook to engine, measured",
         "",
@@ -479,21 +543,17 @@ def chapter(result):
         "## The rungs",
         "",
     ]
+    text = paragraphs(result)
     for name, _, _ in RUNGS:
-        parts += [PARAGRAPHS[name], ""]
-        if name == "fused_relu":
-            parts += [f"""**7. BatchNorm folded into the convolution (evaluation mode)** (`numres/nn/fusion.py`,
-`numres/functional/fused.py`). With running statistics BatchNorm is a per-channel affine map, so it
-folds into the convolution's weight and bias: `W' = W·γ/σ`, `b' = β - μ·γ/σ`. The folded convolution adds
-the bias and applies the ReLU to each chunk of GEMM output while it is in cache: no BatchNorm pass at all.
-Measured on this unit's evaluation-mode forward: {e['unfolded']:.1f} ms unfolded, {e['folded']:.1f} ms folded.
-It is not in the training table because training-mode BatchNorm needs the batch's statistics.""", ""]
+        parts += [text[name], ""]
     parts += [
         "## PyTorch",
         "",
         "The last two rows run the same unit in PyTorch (`Conv2d`, `BatchNorm2d`, `relu`, autograd) in this",
         "process, on the same threads; its convolutions are oneDNN's direct kernels, which read the input",
         "in place instead of building a patch matrix.",
+        "",
+        _torch_summary(result),
         "",
         "## The settings the run used",
         "",
