@@ -547,3 +547,27 @@ def test_weight_gradient_bits_do_not_depend_on_the_thread_count(dtype):
         nr.parallel.set_num_threads(saved)
     for dx, dw, _ in results[1:]:
         assert np.array_equal(dw, results[0][1]) and np.array_equal(dx, results[0][0])
+
+
+def test_auto_runs_wide_layers_backward_through_im2col(monkeypatch):
+    """Under "auto" a 128-channel layer's forward is implicit GEMM and its backward im2col's (measured
+    faster there), from the same saved input; a 64-channel layer keeps implicit GEMM both ways.  Both
+    agree with PyTorch in float64."""
+    rng = np.random.default_rng(41)
+    calls = []
+    original = im2col_conv.im2col                       # im2col's backward rebuilds its patch matrix
+    monkeypatch.setattr(im2col_conv, "im2col", lambda *a, **k: calls.append("im2col") or original(*a, **k))
+    for channels, expected in [(128, "implicit fwd, im2col bwd"), (64, "implicit")]:
+        conv = nr.nn.Conv2d(channels, channels, 3, padding=1, bias=True, dtype="float64")
+        x = rng.standard_normal((2, channels, 56, 56))
+        with nr.using_config(conv_algorithm="auto"):
+            y = conv(x)
+            assert algorithms.algorithm_of(conv.saved_cache()) == expected
+            assert calls == []                          # the forward built no patch matrix
+            dy = rng.standard_normal(y.shape)
+            dx = conv.backward(dy)
+        assert bool(calls) == (channels == 128)
+        calls.clear()
+        ty, tdx, tdw, tdb = torch_conv(x, conv.weight.data, conv.bias.data, 1, 1, 1, dy)
+        for ours, theirs in [(y, ty), (dx, tdx), (conv.weight.grad, tdw), (conv.bias.grad, tdb)]:
+            assert rel_err(ours, theirs) < TOL["float64"]

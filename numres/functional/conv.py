@@ -206,6 +206,7 @@ class ConvCache(NamedTuple):
     groups: int
     has_bias: bool
     explicit_padding: object = None   # a PadCache when the input was padded before im2col
+    forward_algorithm: str = "im2col"  # "implicit" when implicit GEMM made the output (conv_algorithms)
 
 
 WORKSPACE_ELEMENTS = 1 << 22    # patch-matrix elements built at once (16 MiB of float32)

@@ -229,6 +229,30 @@ def auto_prefers_implicit(x_shape, weight_shape, pads, dilation=1, groups=1):
     return extra <= 1.15 or (extra <= 1.30 and max(x_shape[1], out_channels) <= 64)
 
 
+def auto_prefers_implicit_backward(weight_shape, groups=1):
+    """Whether "auto" lets implicit GEMM also compute the backward of a layer whose forward it computed.
+
+    Measured on a 2-core EPYC (AVX-512, OpenBLAS SkylakeX, ResNet-50/-18 at batch 8, 224x224;
+    ``benchmarks/results/cpu.md``), fwd / bwd ms, im2col against implicit: the forward wins everywhere
+    it is chosen (64 at 56: 21/12; 128 at 28: 20/12; 256 at 14: 18/15), the backward only at 64
+    channels (38 against 30), and loses from 128 up (28 against 34-42 at 28x28; 24 against 35 at
+    14x14).  So from 128 channels the backward takes im2col's path, from the same saved input.
+    """
+    out_channels, cg = weight_shape[0], weight_shape[1]
+    return max(cg * groups, out_channels) <= 64
+
+
+def im2col_backward_cache(cache: ImplicitCache):
+    """The im2col cache of the convolution ``cache`` describes (same input and weight), so im2col's
+    backward can follow implicit GEMM's forward; None where im2col would need explicit padding."""
+    (top, bottom), (left, right) = cache.pads
+    if top != bottom or left != right or tuple(cache.stride) != (1, 1):
+        return None
+    return im2col_conv.ConvCache(cache.x, cache.weight, cache.x_shape, cache.out_hw, tuple(cache.weight.shape[2:]),
+                                 (1, 1), (top, left), cache.dilation, cache.groups, cache.has_bias,
+                                 forward_algorithm="implicit")
+
+
 def auto_prefers_winograd(n, in_channels, out_channels, out_hw, tile=2):
     """The measured rule of "auto" (see the module's notes) for a 3x3 stride-1 layer on the CPU."""
     pixels = n * out_hw[0] * out_hw[1]
@@ -307,7 +331,10 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
         return winograd_conv2d_forward(x, weight, bias, stride, winograd_padding(padding), dilation, groups,
                                        tile=get_winograd_tile(), relu=relu)
     if algorithm == "implicit":
-        return implicit_conv2d_forward(x, weight, bias, stride, padding, dilation, groups, relu=relu)
+        y, cache = implicit_conv2d_forward(x, weight, bias, stride, padding, dilation, groups, relu=relu)
+        if _setting["algorithm"] == "auto" and not auto_prefers_implicit_backward(weight.shape, groups):
+            cache = im2col_backward_cache(cache) or cache
+        return y, cache
     forward = im2col_conv.conv2d_forward if ops is None else ops.conv2d_forward
     y, cache = forward(x, weight, bias, stride, padding, dilation, groups, **options)
     if relu:
@@ -320,7 +347,9 @@ def algorithm_of(cache) -> str:
     ``saved_cache()`` after a forward pass, say; a benchmark names each layer's algorithm so)."""
     if isinstance(cache, WinogradCache):
         return "winograd"
-    return "implicit" if isinstance(cache, ImplicitCache) else "im2col"
+    if isinstance(cache, ImplicitCache):
+        return "implicit"
+    return "implicit fwd, im2col bwd" if getattr(cache, "forward_algorithm", "im2col") == "implicit" else "im2col"
 
 
 def conv2d_backward(dy, cache, need_input_grad=True, *, ops=None, **options):
