@@ -811,6 +811,11 @@ def main(argv=None):
     width = vector_width()
     print(f"CPU: {cpu_model()} ({width}); BLAS: {blas_info()}  sgemm peak {peak:.0f} GFLOP/s; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    from numres.cpu_info import slow_blas_warning
+    slow_blas = slow_blas_warning()
+    if slow_blas:
+        print(slow_blas, flush=True)
+    settings = nr.config.show()                    # every numres setting in force, recorded with the numbers
 
     samples = time_alternating(numres_jobs, torch_jobs, args.repeats)
     timings = {}
@@ -852,6 +857,8 @@ def main(argv=None):
         "env": {key: os.environ.get(key) for key in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_THREAD_TIMEOUT",
                                                      "OMP_WAIT_POLICY")},
         "sgemm_peak_gflops": peak,
+        "numres_settings": settings,
+        "slow_blas_warning": slow_blas,
         "timings": timings,
         "forward_macs": macs,
         "numres_train_gflops": train_flops / (timings["train_step"]["numres_ms"] / 1000) / 1e9,

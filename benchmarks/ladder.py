@@ -344,6 +344,9 @@ def main(argv=None):
         import torch
         torch.set_num_threads(args.threads)
 
+    from numres.cpu_info import slow_blas_warning
+    if slow_blas_warning():
+        print(slow_blas_warning())
     unit = Unit()
     runners = {name: factory(unit) for name, _, factory in RUNGS}
     if not args.no_torch:
@@ -394,7 +397,7 @@ def main(argv=None):
                          "dx_error": None})
     result = {"unit": f"conv {K}x{K} {C}->{C} at {SIDE}x{SIDE}, batch {N}, float32, BN, ReLU (training mode)",
               "repeats": args.repeats, "threads": args.threads, "machine": machine(),
-              "settings": nr.config.show(file=open(os.devnull, "w")),
+              "settings": nr.config.show(file=open(os.devnull, "w")), "slow_blas_warning": slow_blas_warning(),
               "rows": rows, "eval_ms": {k: statistics.median(v) for k, v in eval_times.items()},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "versions": {"numpy": np.__version__, "torch": None if args.no_torch else __import__("torch").__version__}}
