@@ -373,8 +373,17 @@ def phase_rows(x, pads, stride, geo: Geometry):
         return flat
     if stride == (1, 1):
         return pad_rows(x, pads).reshape(geo.rows, c)
+    return _phases(np, x_nhwc, pads, stride, geo)
+
+
+def _phases(xp, x_nhwc, pads, stride, geo: Geometry):
+    """The ``sh*sw`` phases of the input on their common grid, as rows ``(sh*sw*geo.rows, C)``: phase
+    ``(a, b)`` holds the padded input's pixels ``(a + sh*q, b + sw*u)``, zeros past its edge."""
+    n, h, w, c = x_nhwc.shape
+    (top, _), (left, _) = pads
+    hq, wq = geo.grid
     sh, sw = stride
-    phases = np.zeros((sh, sw, n, hq, wq, c), dtype=x.dtype)
+    phases = xp.zeros((sh, sw, n, hq, wq, c), dtype=x_nhwc.dtype)
     for a in range(sh):
         q0, x0, nq = _phase_slices(h, top, sh, a, hq)
         for b in range(sw):
@@ -637,15 +646,7 @@ def _grid_xp(xp, x, pads, stride, geo: Geometry):
         flat = xp.zeros((geo.input_rows, c), dtype=x.dtype)
         flat[:geo.rows].reshape(n, hq, wq, c)[:, top:top + h, left:left + w] = x_nhwc
         return flat
-    sh, sw = stride
-    phases = xp.zeros((sh, sw, n, hq, wq, c), dtype=x.dtype)
-    for a in range(sh):
-        q0, x0, nq = _phase_slices(h, top, sh, a, hq)
-        for b in range(sw):
-            u0, y0, nu = _phase_slices(w, left, sw, b, wq)
-            if nq and nu:
-                phases[a, b, :, q0:q0 + nq, u0:u0 + nu] = x_nhwc[:, x0::sh, y0::sw][:, :nq, :nu]
-    return phases.reshape(sh * sw * geo.rows, c)
+    return _phases(xp, x_nhwc, pads, stride, geo)
 
 
 def implicit_conv2d_forward_xp(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, relu=False):
