@@ -50,6 +50,23 @@ def test_user_errors_end_in_one_line_and_exit_2(argv, words, capsys, tmp_path, m
     assert not os.path.exists(tmp_path / "runs"), "a refused run must leave nothing behind"
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--schedule", "bogus"], ["--schedule", "'bogus'", "onecycle", "numres train --help"]),
+    (["train", "--epochs", "abc"], ["--epochs", "'abc'"]),
+    (["study", "gradflow", "--batch-size", "x"], ["--batch-size"]),
+    (["summary"], ["MODEL"]),
+])
+def test_option_parser_errors_are_one_line_too(argv, words, capsys):
+    """argparse's own errors (a bad choice, a non-number, a missing argument) skip the usage text."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"numres {' '.join(argv[:2 if argv[0] == 'study' else 1])}: "
+                                                   f"error: "), lines
+    assert all(word in lines[0] for word in words), lines[0]
+
+
 def test_a_gpu_backend_without_a_gpu_is_one_line(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)          # as on a machine without CuPy
     for backend in ("cupy", "cuda"):

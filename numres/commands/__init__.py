@@ -47,11 +47,20 @@ def version() -> str:
     return __version__
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, except that a mistyped option ends in one line naming it (and where the help is),
+    not in the whole usage text first: ``numres train: error: argument --epochs: invalid int value: 'abc'
+    (numres train --help lists the options)``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="numres", description="ResNets from scratch on NumPy/CuPy.")
+    parser = OneLineParser(prog="numres", description="ResNets from scratch on NumPy/CuPy.")
     parser.add_argument("--version", action="version", version=f"numres {version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     for name, help_text in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
