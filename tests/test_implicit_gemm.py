@@ -554,6 +554,7 @@ def test_auto_runs_wide_layers_backward_through_im2col(monkeypatch):
     faster there), from the same saved input; a 64-channel layer keeps implicit GEMM both ways.  Both
     agree with PyTorch in float64."""
     rng = np.random.default_rng(41)
+    monkeypatch.setattr(algorithms, "current_blas_threads", lambda: 2)    # "auto" with 1 BLAS thread may pick Winograd
     calls = []
     original = im2col_conv.im2col                       # im2col's backward rebuilds its patch matrix
     monkeypatch.setattr(im2col_conv, "im2col", lambda *a, **k: calls.append("im2col") or original(*a, **k))
