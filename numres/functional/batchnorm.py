@@ -92,7 +92,9 @@ def column_sums(matrix, ones):
 
 def tile_ones(rows):
     """The ``ones`` :func:`column_sums` needs for any tile :func:`numres.parallel.map_tiles` gives of the
-    (m, C) matrix ``rows`` (off NumPy the whole matrix is one tile)."""
+    (m, C) matrix ``rows`` (off NumPy the whole matrix is one tile); None where the sums need none."""
+    if rows.shape[1] >= GEMV_BELOW_CHANNELS:
+        return None
     xp = xp_of(rows)
     return xp.ones(_tile_rows(rows) if xp is np else max(1, rows.shape[0]), dtype=rows.dtype)
 

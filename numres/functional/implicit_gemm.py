@@ -401,10 +401,17 @@ def unphase_rows(phase_grad, x_shape, pads, stride, geo: Geometry):
     if stride == (1, 1):
         grid = phase_grad[:geo.rows].reshape(n, geo.grid[0], geo.grid[1], c)
         return grid if geo.grid == (h, w) else crop_rows(grid, (h, w), origin=(top, left))
-    sh, sw = stride
+    return _unphases(np, phase_grad, x_shape, pads, stride, geo)
+
+
+def _unphases(xp, phase_grad, x_shape, pads, stride, geo: Geometry):
+    """The adjoint of :func:`_phases`: dL/dx (N, H, W, C) gathered back from the phases' gradient rows."""
+    n, c, h, w = x_shape
+    (top, _), (left, _) = pads
     hq, wq = geo.grid
+    sh, sw = stride
     phases = phase_grad.reshape(sh, sw, n, hq, wq, c)
-    dx = np.empty((n, h, w, c), dtype=phase_grad.dtype)
+    dx = xp.empty((n, h, w, c), dtype=phase_grad.dtype)
     for a in range(sh):
         q0, x0, nq = _phase_slices(h, top, sh, a, hq)
         for b in range(sw):
@@ -720,14 +727,6 @@ def implicit_conv2d_backward_xp(dy, cache: ImplicitCache, need_input_grad=True, 
         if geo.shared:
             dx = xp.ascontiguousarray(dflat[:geo.rows].reshape(n, hq, wq, c)[:, top:top + h, left:left + w])
         else:
-            sh, sw = cache.stride
-            phases = dflat.reshape(sh, sw, n, hq, wq, c)
-            dx = xp.empty((n, h, w, c), dtype=dy.dtype)
-            for a in range(sh):
-                q0, x0, nq = _phase_slices(h, top, sh, a, hq)
-                for b in range(sw):
-                    u0, y0, nu = _phase_slices(w, left, sw, b, wq)
-                    if nq and nu:
-                        dx[:, x0::sh, y0::sw][:, :nq, :nu] = phases[a, b, :, q0:q0 + nq, u0:u0 + nu]
+            dx = _unphases(xp, dflat, cache.x_shape, cache.pads, cache.stride, geo)
         dx = dx.transpose(0, 3, 1, 2)
     return dx, dweight, dbias
