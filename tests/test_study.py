@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 import sys
 
 import numpy as np
@@ -252,3 +253,23 @@ def test_study_command_rejects_bad_arguments(capsys):
         main(["study", "gradflow", "--depth", "21"])          # argparse: not one of the paper's depths
     with pytest.raises(ValueError, match="depth 21"):
         study.gradflow_experiment(depth=21)
+
+
+def test_a_study_never_replaces_earlier_results_unasked(tmp_path, capsys, monkeypatch):
+    """The default folder moves on to -2; an --out holding results is refused in one line unless --overwrite,
+    and the refused run leaves the earlier files byte-identical."""
+    monkeypatch.chdir(tmp_path)
+    quick = ["study", "gradflow", "--depth", "20", "--batch-size", "4"]
+    assert main(quick) == 0
+    assert main(quick) == 0
+    first, second = tmp_path / "runs" / "study-gradflow", tmp_path / "runs" / "study-gradflow-2"
+    assert (first / "gradflow.csv").exists() and (second / "gradflow.csv").exists()
+    assert "results folder: " + os.path.join("runs", "study-gradflow-2") in capsys.readouterr().out
+
+    before = (first / "gradflow.csv").read_bytes()
+    assert main(quick + ["--out", str(first), "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds gradflow results" in err[0] and "--overwrite" in err[0]
+    assert (first / "gradflow.csv").read_bytes() == before
+    assert main(quick + ["--out", str(first), "--seed", "1", "--overwrite"]) == 0
+    assert (first / "gradflow.csv").read_bytes() != before

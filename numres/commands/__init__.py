@@ -30,6 +30,15 @@ class UsageError(Exception):
     """A mistake in what the user asked for: reported in one line, exit status 2."""
 
 
+def first_free_folder(base: str, occupied) -> str:
+    """``base``, or the first of ``base-2``, ``base-3``, ... for which ``occupied(folder)`` is False: where a
+    new run or study goes when the user named no folder, so that nothing earlier is replaced."""
+    folder, number = base, 2
+    while occupied(folder):
+        folder, number = f"{base}-{number}", number + 1
+    return folder
+
+
 def user_errors() -> tuple:
     """The exception types that mean "the user asked for something that cannot be done here".
 

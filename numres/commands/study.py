@@ -5,7 +5,12 @@ import os
 import sys
 
 from ..study import DEPTHS, Budget, run_degradation, run_gradflow
-from . import UsageError
+from . import UsageError, first_free_folder
+
+DEFAULT_OUT = {"gradflow": os.path.join("runs", "study-gradflow"),
+               "degradation": os.path.join("runs", "study-degradation")}
+RESULT_FILES = {"gradflow": ("gradflow.csv", "gradflow_blocks.csv", "gradflow.json", "gradflow.png"),
+                "degradation": ("degradation.csv", "degradation.json", "degradation.png")}
 
 
 def add_arguments(parser):
@@ -15,8 +20,9 @@ def add_arguments(parser):
                                               "on a batch of the embedded digits (CSV + PNG).")
     flow.add_argument("--depth", type=int, default=56, choices=DEPTHS, help="network depth (default: 56)")
     flow.add_argument("--batch-size", type=int, default=128, help="digits images in the batch (default: 128)")
-    flow.add_argument("--out", default=os.path.join("runs", "study-gradflow"),
-                      help="output directory (default: runs/study-gradflow)")
+    flow.add_argument("--out", default=DEFAULT_OUT["gradflow"],
+                      help="output directory (default: runs/study-gradflow, or -2, -3, ... if that holds results)")
+    _overwrite_argument(flow)
     flow.add_argument("--seed", type=int, default=0,
                       help="seeds the weights; the batch is always the first images (default: 0)")
     _backend_argument(flow)
@@ -42,11 +48,35 @@ def add_arguments(parser):
                          help=f"default: {defaults.weight_decay}")
     degrade.add_argument("--no-augment", action="store_true", help="no random 1-pixel shifts")
     degrade.add_argument("--subset", type=int, default=None, help="use only the first N train and test images")
-    degrade.add_argument("--out", default=os.path.join("runs", "study-degradation"),
-                         help="output directory (default: runs/study-degradation)")
+    degrade.add_argument("--out", default=DEFAULT_OUT["degradation"],
+                         help="output directory (default: runs/study-degradation, or -2, -3, ... if that holds "
+                              "results)")
+    _overwrite_argument(degrade)
     degrade.add_argument("--seed", type=int, default=0,
                          help="seeds the weights, batches and augmentation (default: 0)")
     _backend_argument(degrade)
+
+
+def _overwrite_argument(parser):
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results an --out folder already holds (without it, such a folder is "
+                             "refused)")
+
+
+def _results_folder(args, experiment) -> str:
+    """Where this study writes: never over earlier results unless --overwrite says so.  The default folder
+    moves on to -2, -3, ...; an --out of the user's that holds results is refused in one line."""
+    def holds_results(folder):
+        return any(os.path.exists(os.path.join(folder, name)) for name in RESULT_FILES[experiment])
+
+    if args.out != DEFAULT_OUT[experiment]:
+        if holds_results(args.out) and not args.overwrite:
+            raise UsageError(f"{args.out} already holds {experiment} results; choose another --out, or replace "
+                             f"them with --overwrite")
+        return args.out
+    out = first_free_folder(args.out, holds_results)
+    print(f"results folder: {out}")
+    return out
 
 
 def _backend_argument(parser):
@@ -58,7 +88,7 @@ def run(args) -> int:
     if experiment == "gradflow":
         if args.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-        run_gradflow(args.depth, args.batch_size, args.seed, args.backend, args.out)
+        run_gradflow(args.depth, args.batch_size, args.seed, args.backend, _results_folder(args, experiment))
         return 0
     if experiment == "degradation":
         try:
@@ -70,7 +100,7 @@ def run(args) -> int:
         except ValueError as exc:       # Budget names its field ("warmup_epochs must ..."): name the option
             field, _, rest = str(exc).partition(" ")
             raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
-        run_degradation(tuple(dict.fromkeys(args.depths)), budget, args.out)
+        run_degradation(tuple(dict.fromkeys(args.depths)), budget, _results_folder(args, experiment))
         return 0
     print("choose an experiment: numres study gradflow | numres study degradation (see --help)", file=sys.stderr)
     return 2

@@ -27,7 +27,7 @@ from ..blas import blas_threads
 from ..cpu_info import slow_blas_warning
 from ..training import (DEFAULT_LR, OPTIMIZERS, SCHEDULES, ConfigError, NonFiniteLossError, Trainer, TrainConfig,
                         checkpoint_file, model_names)
-from . import UsageError, user_errors
+from . import UsageError, first_free_folder, user_errors
 
 DEFAULTS = TrainConfig()
 RESUMABLE = ("epochs", "backend", "data_dir", "val_dir")
@@ -131,10 +131,8 @@ def _run_folder(args, config) -> tuple:
             note = (f"note: --overwrite: replacing the run in {out}; its checkpoint is kept as "
                     f"{os.path.join(out, PREVIOUS_CHECKPOINT)} until this run writes its first")
     else:
-        base = out = os.path.join("runs", f"{config.dataset}-{config.model}")
-        number = 2
-        while holds_run(out):
-            out, number = f"{base}-{number}", number + 1
+        base = os.path.join("runs", f"{config.dataset}-{config.model}")
+        out = first_free_folder(base, holds_run)
         note = f"run folder: {out}" + (f" ({base} holds an earlier run; --out names the folder)" if out != base else "")
     if dist.get_world_size() > 1:
         dist.broadcast_object((out, note))
